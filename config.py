@@ -1,0 +1,209 @@
+"""Every setting of a run, its default, and how a config file and the command line change it.
+
+A config file is plain Python assignments over these defaults (nanoGPT style):
+
+    # configs/demo.py
+    model = "models/SmolLM2-135M-Instruct"
+    method = "lora"
+    lr = 2e-4
+
+and the command line overrides any key with the type of its default:
+
+    python train.py --config configs/demo.py --lr=1e-4 --max_steps=50 --packing=packed
+
+An unknown key or a value of the wrong type is an error that names the key (and, for a typo, the
+closest known key); nothing runs and nothing is written.
+"""
+import ast
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    # --- model and fine-tuning method -------------------------------------------------------
+    model: str = "models/SmolLM2-135M-Instruct"  # a Hugging Face model folder
+    method: str = "lora"            # full | lora | qlora | freeze | head   (see lora.py)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # or a comma list: "q_proj,v_proj"
+    rslora: bool = False            # scale alpha / sqrt(r) instead of alpha / r
+    train_layers: int = 2           # method=freeze: train only the top N blocks
+    train_head: bool = True         # method=freeze: also train the final norm and lm_head
+    merge: bool = False             # lora/qlora: also write OUT_DIR/merged/ (a plain HF folder)
+    # --- data (see data.py) --------------------------------------------------------------------
+    train_data: list = field(default_factory=list)  # one file or several (a mixture)
+    data_weights: list = field(default_factory=list)  # mixture weights, one per train file
+    val_data: str = ""              # empty: split val_fraction off the training data
+    test_data: str = ""             # held-out set for eval.py
+    val_fraction: float = 0.05
+    data_format: str = "auto"       # auto | alpaca | messages | sharegpt | prompt_completion | text
+    template: str = "auto"          # auto | chatml | llama3 | llama2 | mistral | alpaca | plain
+    train_on: str = "assistant"     # assistant | last | all
+    seq_len: int = 512
+    truncation: str = "truncate"    # truncate | drop: what to do with examples longer than seq_len
+    packing: str = "none"           # none | packed
+    on_bad_data: str = "stop"       # stop | skip (skipped examples are counted and reported)
+    # --- optimisation (see train.py) -----------------------------------------------------------
+    batch_size: int = 4             # examples (or packed rows) per micro-batch
+    grad_accum: int = 1             # micro-batches per optimizer step
+    max_steps: int = 0              # optimizer steps; 0 = run `epochs` epochs
+    epochs: float = 1.0
+    lr: float = 2e-4
+    min_lr: float = 2e-5            # cosine decay ends here
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0          # max global gradient norm; 0 = no clipping
+    neftune_alpha: float = 0.0      # NEFTune noise on input embeddings; 0 = off
+    distill_weight: float = 0.0     # weight of the KL-to-base-model loss (forgetting mitigation)
+    # --- hardware -------------------------------------------------------------------------------
+    dtype: str = "bfloat16"         # float32 | bfloat16 (bf16 frozen weights + autocast)
+    device: str = "auto"            # auto | cpu | cuda
+    grad_checkpointing: bool = False
+    compile: bool = False           # torch.compile the model
+    # --- run folder, evaluation, checkpoints ----------------------------------------------------
+    out_dir: str = "runs/default"
+    log_every: int = 1
+    eval_every: int = 50            # 0 = only at the end
+    eval_batches: int = 0           # 0 = the whole validation set
+    sample_prompts: list = field(default_factory=list)  # printed with their generations at eval
+    save_every: int = 50
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 = never stop early
+    seed: int = 1337
+
+
+class ConfigError(Exception):
+    """A config mistake. Scripts print it as one line and exit with code 2."""
+
+
+KEYS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def default_of(key):
+    f = KEYS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def unknown_key_error(key, where):
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def coerce(key, value, where):
+    """Return `value` as the type of `key`'s default, or raise ConfigError."""
+    kind = type(default_of(key))
+    if isinstance(value, str) and kind is not str:  # from the command line: parse the text
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+        elif kind in (list, tuple):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = [v for v in text.split(",") if v]  # a,b,c  ->  ["a", "b", "c"]
+            if isinstance(value, (str, int, float)):
+                value = [value]
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind in (list, tuple) and isinstance(value, (str, list, tuple)):
+        value = kind([value] if isinstance(value, str) else value)
+    if type(value) is not kind:
+        raise ConfigError(f"{where}: {key} = {value!r} should be {kind.__name__}")
+    return value
+
+
+def read_config_file(path):
+    """Run a config file and return its plain assignments as a dict."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    scope = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in scope.items()
+            if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+
+
+def load_config(path=None, overrides=()):
+    """Defaults, then the config file, then `--key=value` overrides (strings)."""
+    values = {}
+    for key, value in (read_config_file(path) if path else {}).items():
+        if key not in KEYS:
+            raise unknown_key_error(key, path)
+        values[key] = coerce(key, value, path)
+    for item in overrides:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if key not in KEYS:
+            raise unknown_key_error(key, "command line")
+        if not sep:
+            raise ConfigError(f"command line: --{key} needs a value: --{key}=VALUE")
+        values[key] = coerce(key, value, "command line")
+    return Config(**values)
+
+
+def parse_cli(argv, flags=None):
+    """Split argv into a Config and the script's own flags.
+
+    `flags` maps a script flag to its default (`{"resume": False, "show": 0}`): a bool flag is
+    a switch (`--resume`), any other takes a value (`--show 3` or `--show=3`). Everything else
+    must be `--config FILE` or a config override `--key=value`.
+    """
+    flags = dict(flags or {})
+    path, overrides, args = None, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        name, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument '{arg}'")
+        if name == "config" or (name in flags and not isinstance(flags[name], bool)):
+            if not sep:
+                if not args:
+                    raise ConfigError(f"command line: --{name} needs a value")
+                value = args.pop(0)
+            if name == "config":
+                path = value
+            else:
+                flags[name] = type(flags[name])(value) if flags[name] is not None else value
+        elif name in flags:
+            flags[name] = True
+        elif name in KEYS and not sep and args and not args[0].startswith("--"):
+            overrides.append(f"{name}={args.pop(0)}")  # --lr 1e-4
+        else:
+            overrides.append(arg)
+    return load_config(path, overrides), flags
+
+
+def save_config(cfg, path):
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def exit_on_config_error(fn):
+    """Decorator for a script's main(): a ConfigError becomes one line on stderr and exit 2."""
+    def wrapped(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapped

@@ -1,0 +1,501 @@
+"""A decoder-only transformer for the Llama family, loaded straight from a Hugging Face folder.
+
+One model covers what ships on the Hub as `llama` (Llama 2/3.x, TinyLlama, SmolLM/SmolLM2),
+`mistral`, `qwen2` and `qwen3`. They differ only in small switches, all read from config.json:
+
+    x = embed_tokens(ids)                                   # (B, T, C)
+    for each block:
+        x = x + o_proj(attention(rope(q), rope(k), v))      # q,k,v = projections of rmsnorm(x)
+        x = x + down_proj(silu(gate_proj(h)) * up_proj(h))  # h = rmsnorm(x)      (SwiGLU MLP)
+    logits = lm_head(rmsnorm(x))                            # (B, T, V)
+
+    qwen2: bias on the q/k/v projections.   qwen3: RMSNorm on each head of q and k.
+    llama 3.1+: "llama3" RoPE frequency scaling.   tied: lm_head.weight is embed_tokens.weight.
+
+Parameter names are the checkpoint's names without the leading "model." (ours:
+"layers.0.self_attn.q_proj.weight", file: "model.layers.0.self_attn.q_proj.weight"), so loading
+is a loop over the file's tensors, and saving is the same loop backwards.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class ModelLoadError(Exception):
+    """A problem with a model folder; the message names the file or tensor."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the few numbers in config.json that define the architecture
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int               # C
+    intermediate_size: int         # width of the MLP
+    num_hidden_layers: int
+    num_attention_heads: int       # query heads
+    num_key_value_heads: int       # key/value heads; fewer than query heads = grouped-query attention
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None      # {"rope_type": "llama3" | "linear", "factor": ..., ...} or None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False         # qwen2, or llama with attention_bias
+    o_bias: bool = False           # llama with attention_bias
+    mlp_bias: bool = False
+    qk_norm: bool = False          # qwen3
+    sliding_window: int = None     # mistral v0.1: each token sees only the last `sliding_window`
+    bos_token_id: int = None
+    eos_token_id: object = None    # an id or a list of ids
+    raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on save
+
+
+def read_config(path):
+    """Read config.json of a model folder into a ModelConfig."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{path}: not a folder")
+    if not os.path.isfile(file):
+        raise ModelLoadError(f"{path}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{file}: model_type {model_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    # RoPE settings: transformers >= 5 writes them under "rope_parameters", older files use
+    # "rope_theta" plus "rope_scaling" (whose kind is "rope_type", or "type" in older files).
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise ModelLoadError(f"{file}: rope type {rope_type!r} is not supported "
+                             f"(supported: default, llama3, linear)")
+    n_heads = raw["num_attention_heads"]
+    sliding = raw.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+        sliding = None  # qwen configs carry a window size but switch it off
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=n_heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2" or raw.get("attention_bias", False),
+        o_bias=model_type in ("llama", "mistral") and raw.get("attention_bias", False),
+        mlp_bias=raw.get("mlp_bias", False),
+        qk_norm=model_type == "qwen3",
+        sliding_window=sliding,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+        raw=raw,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight   (Zhang & Sennrich 2019). Computed in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg):
+    """Rotation frequencies of RoPE (Su et al. 2021): theta^(-2i/d) for i < d/2, maybe rescaled."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))  # fp32, as HF does
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":  # position interpolation (Chen et al. 2023)
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        # Llama 3.1: long wavelengths (low frequencies) are slowed by `factor`, short ones kept,
+        # and the band between is interpolated smoothly.
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, blended))
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, position_ids):
+    """cos and sin of each position's rotation angles: (B, T) -> two (B, 1, T, head_dim)."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)         # (B, T, d): HF pairs i with i + d/2
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for fast generation.
+
+    k[i], v[i]: (B, n_kv_heads, max_len, head_dim); positions [0, length) are filled.
+    """
+
+    def __init__(self, cfg, batch_size, max_len, dtype, device):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Append k, v (B, n_kv, T, d) of `layer`; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=cfg.o_bias)
+        if cfg.qk_norm:  # qwen3: normalise each head's q and k before the rotation
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)      # (B, T, H, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)   # (B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                          # (B, Hkv, S, d)
+        # Grouped-query attention (Ainslie et al. 2023): each k/v head serves H/Hkv query heads.
+        # softmax(q k^T / sqrt(d) + mask) v, by PyTorch's fused kernel; no mask = causal.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, H = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # RoPE frequencies: a plain fp32 tensor, not a buffer, so model.to(bf16) cannot round it.
+        self.inv_freq = rope_inv_freq(cfg)
+        self.grad_checkpointing = False  # recompute each block in backward to save activations
+        self.source_dir = None           # the folder the weights came from (set by load_model)
+
+    def hidden_states(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None):
+        """Final-normed hidden states (B, T, C): everything but the output projection."""
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        window = self.config.sliding_window
+        if window and start + T > window:  # mistral v0.1: restrict the causal mask to a band
+            attn_mask = sliding_window_mask(T, start, window, input_ids.device, attn_mask)
+        x = self.embed_tokens(input_ids)                           # (B, T, C)
+        inv_freq = self.inv_freq.to(input_ids.device)
+        cos, sin = rope_cos_sin(inv_freq, position_ids)            # (B, 1, T, d) each
+        for i, block in enumerate(self.layers):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None):
+        """Logits (B, T, V). Training computes the loss from hidden_states() instead (loss.py)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, attn_mask, kv_cache))
+
+
+def sliding_window_mask(T, start, window, device, attn_mask=None):
+    """Causal mask (1, 1, T, start+T) where query i sees keys j with i - window < j <= i."""
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(start + T, device=device)[None, :]
+    mask = ((k <= q) & (k > q - window))[None, None]
+    return mask if attn_mask is None else mask & attn_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving: safetensors files <-> parameters
+
+
+def checkpoint_files(path):
+    """The safetensors file(s) of a folder: one model.safetensors, or the shards of an index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    else:
+        files = [os.path.join(path, "model.safetensors")]
+    for file in files:
+        if not os.path.isfile(file):
+            raise ModelLoadError(f"{file}: missing (expected model.safetensors or the shards "
+                                 f"listed in model.safetensors.index.json)")
+    return files
+
+
+def as_dtype(dtype):
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(file):
+    """A safetensors file is: 8 bytes (little-endian u64) = n, n bytes of JSON header, then raw
+    tensor bytes. The header maps each name to {"dtype", "shape", "data_offsets": [begin, end]}
+    (offsets counted from the end of the header). Returns (header, where the data starts)."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n < 2 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            if 8 + n + end > size:
+                raise ValueError(f"tensor '{key}' ends past the end of the file")
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ModelLoadError(f"{file}: not a readable safetensors file, truncated? ({e})") from None
+    return header, 8 + n
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """Build the model described by path/config.json and fill it from its safetensors files.
+
+    The model is first built on the "meta" device (shapes only, no memory), then given empty
+    storage, then each tensor is read from the file straight into its parameter's memory
+    (through one temporary when the file's dtype differs), so peak memory is the model's size.
+    """
+    cfg = read_config(path)
+    dtype = as_dtype(dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module new storage: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)  # it was made on "meta" above
+    params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
+    filled = set()
+    for file in checkpoint_files(path):
+        header, data_start = read_safetensors_header(file)
+        with open(file, "rb") as f:
+            for key, info in header.items():
+                name = key.removeprefix("model.")
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints store the shared matrix twice
+                if name not in params:
+                    raise ModelLoadError(f"{file}: unexpected tensor '{key}' for a {cfg.model_type} model")
+                param = params[name]
+                if tuple(info["shape"]) != tuple(param.shape):
+                    raise ModelLoadError(f"{file}: tensor '{key}' has shape {tuple(info['shape'])}, "
+                                         f"the config implies {tuple(param.shape)}")
+                file_dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if file_dtype is None or not file_dtype.is_floating_point:
+                    raise ModelLoadError(f"{file}: tensor '{key}' has dtype {info['dtype']}, not a float")
+                begin, end = info["data_offsets"]
+                direct = file_dtype == param.dtype and param.device.type == "cpu"
+                target = param.data if direct else torch.empty(param.shape, dtype=file_dtype)
+                if end - begin != target.numel() * target.element_size():
+                    raise ModelLoadError(f"{file}: tensor '{key}' has {end - begin} bytes, "
+                                         f"expected {target.numel() * target.element_size()}")
+                f.seek(data_start + begin)
+                f.readinto(target.view(torch.uint8).reshape(-1).numpy())
+                if not direct:
+                    with torch.no_grad():
+                        param.copy_(target)
+                filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ModelLoadError(f"{path}: tensor(s) missing from the checkpoint: "
+                             f"{', '.join(hf_name(n) for n in missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+    model.source_dir = path
+    return model.eval()
+
+
+def hf_name(name):
+    """Our parameter name -> the checkpoint's name."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def save_model(model, folder, state_dict=None, dtype=None):
+    """Write an HF folder: config.json, model.safetensors (HF names), tokenizer files copied
+    from the folder the model was loaded from. `state_dict` (our names) defaults to the
+    model's own; lora.py passes merged weights here."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    state_dict = state_dict if state_dict is not None else model.state_dict()
+    tensors = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # safetensors stores no shared tensors; HF re-ties from the config
+        tensor = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
+        tensors[hf_name(name)] = tensor
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    raw = dict(model.config.raw)
+    raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    raw.pop("dtype", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    for name in TOKENIZER_FILES:
+        if model.source_dir and os.path.isfile(os.path.join(model.source_dir, name)):
+            shutil.copy(os.path.join(model.source_dir, name), os.path.join(folder, name))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation with a KV cache
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Pick the next token from logits (B, V): greedy at temperature 0, else sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:  # keep the k most likely tokens
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019): smallest set with mass >= top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None,
+             use_cache=True, generator=None, on_token=None):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
+
+    Prompts of different lengths are left-padded into one batch: pad positions are masked out
+    of attention and the real tokens get positions 0, 1, 2, ... as if alone. Returns the new
+    tokens of each prompt, the stop token included when one was hit. `on_token(i, id)` is
+    called for each new token of prompt i (for streaming).
+    """
+    device = model.embed_tokens.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    stop_ids = set(stop_ids or [])
+    ids = torch.zeros(B, longest, dtype=torch.long, device=device)
+    real = torch.zeros(B, longest, dtype=torch.bool, device=device)  # False on left padding
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, longest - len(p):] = True
+    cache = KVCache(model.config, B, longest + max_new_tokens, model.embed_tokens.weight.dtype,
+                    device) if use_cache else None
+    out, done = [[] for _ in range(B)], [False] * B
+    new_ids = ids
+    for _ in range(max_new_tokens):
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+        T, S = new_ids.shape[1], real.shape[1]
+        # query t (at absolute position S - T + t) sees real keys up to itself; every query
+        # also sees itself, so a pad query has one key and softmax never divides by zero.
+        q_pos = torch.arange(S - T, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None] & (real[:, None, :] | (k_pos == q_pos)[None])  # (B, T, S)
+        logits = model(new_ids, position_ids[:, S - T:], mask[:, None], cache)[:, -1]
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        for i, t in enumerate(next_ids.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                if on_token:
+                    on_token(i, t)
+                done[i] = t in stop_ids
+        if all(done):
+            break
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        real = torch.cat([real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        new_ids = next_ids[:, None] if use_cache else ids
+    return out

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random checkpoints saved by transformers, and the real SmolLM2 folder."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+REAL_MODEL_DIR = os.environ.get("SFT_REAL_MODEL", os.path.join(ROOT, "models", "SmolLM2-135M-Instruct"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct as an HF folder (made by `python tools/get_model.py`).
+
+    Missing model: a skip on a developer's machine, a failure in CI (CI=true), so real-model
+    tests are never skipped silently there.
+    """
+    if not os.path.isfile(os.path.join(REAL_MODEL_DIR, "model.safetensors")):
+        message = (f"real model not found at {REAL_MODEL_DIR}; "
+                   f"run `python tools/get_model.py` (or set SFT_REAL_MODEL)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return REAL_MODEL_DIR
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def save_tiny_model(folder, family="llama", seed=0, max_shard_size=None, **overrides):
+    """Save a tiny random transformers model of `family` into `folder`; return the HF model."""
+    import torch
+    import transformers
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+    config_cls, model_cls = classes[family]
+    kwargs = dict(TINY, **overrides)
+    if family == "qwen3":
+        kwargs.setdefault("head_dim", 16)
+    torch.manual_seed(seed)
+    hf = model_cls(config_cls(**kwargs)).float().eval()
+    with torch.no_grad():  # random norm weights and biases, so that a mix-up would show
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    save = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    hf.save_pretrained(folder, **save)
+    return hf
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama checkpoint folder (2 layers, GQA, untied embeddings)."""
+    folder = str(tmp_path / "tiny-llama")
+    save_tiny_model(folder)
+    return folder
