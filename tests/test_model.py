@@ -203,3 +203,14 @@ def test_real_model_greedy_generation_matches_transformers_token_for_token(real_
     ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
                       eos_token_id=None, pad_token_id=2)[0, len(prompt):].tolist()
     assert generate(ours, [prompt], max_new_tokens=32)[0] == ref
+
+
+def test_real_model_answers_paris_in_its_chat_format(real_pair):
+    from tokenizer import load_tokenizer
+    ours, _ = real_pair
+    tok = load_tokenizer(ours.source_dir)
+    prompt = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                        "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+                        "<|im_end|>\n<|im_start|>assistant\n")
+    answer = tok.decode(generate(ours, [prompt], max_new_tokens=20, stop_ids=[tok.eos_id])[0])
+    assert "Paris" in answer
