@@ -1,0 +1,249 @@
+"""loss.py: the chunked masked cross-entropy equals the plain full-logits one (values and gradients),
+normalizes per token over the whole optimizer step, never lets a masked position or an empty
+micro-batch leak in, and uses less memory than materializing the logits."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import loss
+import model as model_lib
+from conftest import ROOT, save_tiny_model
+
+
+def random_problem(B=3, T=9, C=16, V=50, dtype=torch.float64, seed=0):
+    """hidden (B, T, C), weight (V, C), both requiring grad, and targets with a masked prompt per
+    row and one row fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, C, dtype=dtype, generator=g).requires_grad_()
+    weight = torch.randn(V, C, dtype=dtype, generator=g).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[:, :3] = -100
+    targets[-1] = -100
+    return hidden, weight, targets
+
+
+def full_logits_loss(hidden, weight, targets):
+    """The plain way: every logit in memory, PyTorch's cross-entropy with ignore_index."""
+    logits = hidden @ weight.t()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                           ignore_index=-100)
+
+
+def grads(loss_value, *tensors):
+    return torch.autograd.grad(loss_value, tensors)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy(chunk_size):
+    hidden, weight, targets = random_problem()
+    ours = loss.masked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    reference = full_logits_loss(hidden, weight, targets)
+    assert torch.allclose(ours, reference, rtol=1e-12)
+    for g_ours, g_ref in zip(grads(ours, hidden, weight), grads(reference, hidden, weight)):
+        assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_is_a_sum_over_trained_tokens_not_a_mean():
+    hidden, weight, targets = random_problem()
+    per_token = F.cross_entropy((hidden @ weight.t()).reshape(-1, 50), targets.reshape(-1),
+                                reduction="none", ignore_index=-100)
+    assert torch.allclose(loss.masked_cross_entropy(hidden, weight, targets), per_token.sum())
+
+
+def test_masked_positions_never_contribute_to_loss_or_gradient():
+    hidden, weight, targets = random_problem()
+    base = loss.masked_cross_entropy(hidden, weight, targets)
+    g_hidden, = grads(base, hidden)
+    masked = targets == -100
+    assert masked.any() and (g_hidden[masked] == 0).all()
+    changed = hidden.detach().clone()
+    changed[masked] = 1e3 * torch.randn_like(changed[masked])  # garbage where nothing is trained
+    assert loss.masked_cross_entropy(changed, weight, targets).item() == pytest.approx(base.item(), rel=1e-12)
+
+
+def test_all_masked_micro_batch_gives_zero_loss_and_zero_gradient_not_nan():
+    hidden, weight, _ = random_problem()
+    targets = torch.full(hidden.shape[:2], -100)
+    value = loss.masked_cross_entropy(hidden, weight, targets)
+    g_hidden, g_weight = grads(value / 7, hidden, weight)  # divided by the step's count, as train.py does
+    assert value.item() == 0.0 and torch.isfinite(value)
+    assert (g_hidden == 0).all() and (g_weight == 0).all()
+
+
+def test_frozen_output_weight_gets_no_gradient_and_hidden_gradient_is_unchanged():
+    hidden, weight, targets = random_problem()
+    frozen = weight.detach()
+    value = loss.masked_cross_entropy(hidden, frozen, targets)
+    value.backward()
+    assert frozen.grad is None
+    g_ref, = grads(full_logits_loss(hidden, weight, targets), hidden)
+    assert torch.allclose(hidden.grad, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_hidden_states_under_autocast_are_computed_in_fp32():
+    hidden, weight, targets = random_problem(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h16 = hidden.to(torch.bfloat16)
+        value = loss.masked_cross_entropy(h16, weight, targets)
+    assert value.dtype == torch.float32
+    reference = full_logits_loss(h16.float(), weight, targets)  # same bf16 inputs, fp32 math
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    g_h16, = grads(value, h16)
+    assert g_h16.dtype == torch.bfloat16
+
+
+def test_target_outside_the_vocabulary_is_a_clear_error():
+    hidden, weight, targets = random_problem()
+    targets[0, 5] = 50
+    with pytest.raises(ValueError, match="token id 50, outside the vocabulary"):
+        loss.masked_cross_entropy(hidden, weight, targets)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_kl_equals_full_logits_kl_at_trained_positions(temperature):
+    hidden, weight, targets = random_problem()
+    teacher_hidden, teacher_weight = torch.randn(3, 9, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
+    ours = loss.distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, chunk_size=4,
+                                temperature=temperature)
+    m = targets != -100
+    log_q = F.log_softmax((hidden @ weight.t())[m] / temperature, -1)
+    log_p = F.log_softmax((teacher_hidden @ teacher_weight.t())[m] / temperature, -1)
+    reference = F.kl_div(log_q, log_p, log_target=True, reduction="sum") * temperature ** 2
+    assert torch.allclose(ours, reference, rtol=1e-12)
+    for g_ours, g_ref in zip(grads(ours, hidden, weight), grads(reference, hidden, weight)):
+        assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_distillation_to_itself_is_zero():
+    hidden, weight, targets = random_problem()
+    value = loss.distillation_loss(hidden, weight, hidden.detach(), weight.detach(), targets)
+    assert abs(value.item()) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------
+# With a model: gradient accumulation, validation loss
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny") / "llama")
+    save_tiny_model(folder)
+    return model_lib.load_model(folder, dtype=torch.float64)
+
+
+def random_examples(lengths, vocab=128, seed=0):
+    """Examples as data.render makes them: labels aligned with the ids, -100 on a random prompt."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for n in lengths:
+        ids = rng.integers(0, vocab, n).astype(np.int32)
+        labels = ids.copy()
+        labels[:rng.integers(1, n - 1)] = -100
+        examples.append({"input_ids": ids, "labels": labels, "source": f"random:{len(examples)}"})
+    return examples
+
+
+def step_gradients(model, examples, micro_batches, normalize="step"):
+    """Loss and gradients of one optimizer step over `micro_batches` (lists of example indices).
+    normalize="step": each micro-batch's sum / the step's trained tokens (ours); "micro": each
+    micro-batch's own mean, averaged over micro-batches (the bug)."""
+    model.zero_grad()
+    batches = [data.collate(examples, [[i] for i in mb], 64, pad_id=0) for mb in micro_batches]
+    n_step = sum(b["n_trained"] for b in batches)
+    total = 0.0
+    for b in batches:
+        hidden = model.hidden_states(b["input_ids"], b["position_ids"], b["attn_mask"])
+        value = loss.masked_cross_entropy(hidden, model.lm_head.weight, b["targets"])
+        value = value / n_step if normalize == "step" else value / b["n_trained"] / len(batches)
+        value.backward()
+        total += value.item()
+    return total, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model):
+    examples = random_examples([5, 17, 9, 30, 12, 6, 24, 19])
+    loss_big, grad_big = step_gradients(tiny_model, examples, [list(range(8))])
+    loss_acc, grad_acc = step_gradients(tiny_model, examples, [[0, 1], [2, 3], [4, 5], [6, 7]])
+    assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    assert (grad_acc - grad_big).norm() <= 1e-6 * grad_big.norm()
+    # the per-micro-batch mean (the 2024 gradient-accumulation bug) would not pass this test:
+    loss_bug, grad_bug = step_gradients(tiny_model, examples, [[0, 1], [2, 3], [4, 5], [6, 7]], "micro")
+    assert (grad_bug - grad_big).norm() > 1e-3 * grad_big.norm()
+
+
+def test_micro_batch_without_trained_tokens_leaves_gradients_finite_and_unchanged(tiny_model):
+    examples = random_examples([8, 11, 7])
+    examples[2]["labels"][:] = -100  # nothing to train in the last micro-batch
+    _, without = step_gradients(tiny_model, examples, [[0, 1]])
+    _, with_empty = step_gradients(tiny_model, examples, [[0, 1], [2]])
+    assert torch.isfinite(with_empty).all()
+    assert torch.allclose(with_empty, without, rtol=1e-12, atol=0)
+
+
+def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_model):
+    examples = random_examples([40, 6, 7])
+    batches = [data.collate(examples, [[0]], 64, 0), data.collate(examples, [[1], [2]], 64, 0)]
+    mean, count = loss.validation_loss(tiny_model, batches)
+    per_batch = []
+    with torch.no_grad():
+        for b in batches:
+            logits = tiny_model(b["input_ids"], b["position_ids"], b["attn_mask"])
+            per_batch.append(F.cross_entropy(logits.reshape(-1, 128), b["targets"].reshape(-1), reduction="none",
+                                             ignore_index=-100).sum().item())
+    assert count == sum(b["n_trained"] for b in batches)
+    assert mean == pytest.approx(sum(per_batch) / count, rel=1e-10)
+    mean_of_means = np.mean([s / b["n_trained"] for s, b in zip(per_batch, batches)])
+    assert abs(mean - mean_of_means) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory: the chunked loss never holds the (N, V) logits
+
+
+MEMORY_SCRIPT = r"""
+import json, sys, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import loss
+
+def status(key):  # from /proc/self/status, in bytes: VmRSS = resident now, VmHWM = peak resident
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+def peak_added(run):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak (VmHWM) to the current resident size
+    before = status("VmRSS")
+    run()
+    return status("VmHWM") - before
+
+N, C, V = 2048, 64, 32768            # full fp32 logits: N * V * 4 bytes = 256 MiB
+torch.manual_seed(0)
+hidden = torch.randn(1, N, C, requires_grad=True)
+weight = torch.randn(V, C, requires_grad=True)
+targets = torch.randint(0, V, (1, N))
+chunked = peak_added(lambda: loss.masked_cross_entropy(hidden, weight, targets, chunk_size=256).backward())
+full = peak_added(lambda: F.cross_entropy(hidden[0] @ weight.t(), targets[0], reduction="sum").backward())
+print(json.dumps({"chunked": chunked, "full": full, "logits": N * V * 4}))
+"""
+
+
+def test_chunked_loss_peak_memory_is_lower_than_full_logits():
+    """Peak resident memory added by forward + backward (Linux VmHWM, reset between the two runs),
+    measured in a fresh process; large allocations are mmapped (MALLOC_MMAP_THRESHOLD_) so that freed
+    memory leaves the resident set. Prints both numbers (run pytest with -s to see them)."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, ROOT], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    mib = {k: v / 2 ** 20 for k, v in result.items()}
+    print(f"\npeak memory over the inputs, N=2048 trained tokens, V=32768: chunked (chunk 256) "
+          f"{mib['chunked']:.0f} MiB, full logits {mib['full']:.0f} MiB (one fp32 logits tensor: "
+          f"{mib['logits']:.0f} MiB)")
+    assert result["full"] >= result["logits"]  # the plain way holds at least the logits
+    assert result["chunked"] < result["full"] / 4
