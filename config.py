@@ -79,6 +79,17 @@ class Config:
     seed: int = 1337
 
 
+# Keys that take one of a few words. (data_format and template are checked by data.py.)
+CHOICES = {
+    "method": ("full", "lora", "qlora", "freeze", "head"),
+    "train_on": ("assistant", "last", "all"),
+    "truncation": ("truncate", "drop"),
+    "packing": ("none", "packed"),
+    "on_bad_data": ("stop", "skip"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+
 class ConfigError(Exception):
     """A config mistake. Scripts print it as one line and exit with code 2."""
 
@@ -158,7 +169,11 @@ def load_config(path=None, overrides=()):
         if not sep:
             raise ConfigError(f"command line: --{key} needs a value: --{key}=VALUE")
         values[key] = coerce(key, value, "command line")
-    return Config(**values)
+    cfg = Config(**values)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} = {getattr(cfg, key)!r} should be one of {', '.join(allowed)}")
+    return cfg
 
 
 def parse_cli(argv, flags=None):

@@ -291,9 +291,7 @@ def check_data_files(cfg):
         raise ConfigError("train_data is empty: give one data file or a list of them")
     if cfg.data_weights and len(cfg.data_weights) != len(files):
         raise ConfigError(f"data_weights has {len(cfg.data_weights)} weights for {len(files)} train_data files")
-    for key, allowed in [("train_on", ("assistant", "last", "all")), ("truncation", ("truncate", "drop")),
-                         ("packing", ("none", "packed")), ("on_bad_data", ("stop", "skip")),
-                         ("data_format", ("auto",) + FORMATS), ("template", ("auto",) + tuple(TEMPLATES))]:
+    for key, allowed in [("data_format", ("auto",) + FORMATS), ("template", ("auto",) + tuple(TEMPLATES))]:
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key} = {getattr(cfg, key)!r} should be one of {', '.join(allowed)}")
     for key, paths in [("train_data", files), ("val_data", [cfg.val_data] if cfg.val_data else [])]:

@@ -283,9 +283,11 @@ class Transformer(nn.Module):
             kv_cache.length += T
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None):
-        """Logits (B, T, V). Training computes the loss from hidden_states() instead (loss.py)."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, attn_mask, kv_cache))
+    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None, return_hidden=False):
+        """Logits (B, T, V), or with return_hidden the hidden states (B, T, C): training computes
+        logits only where there is a loss, in chunks (loss.py), not for all B*T positions."""
+        hidden = self.hidden_states(input_ids, position_ids, attn_mask, kv_cache)
+        return hidden if return_hidden else self.lm_head(hidden)
 
 
 def sliding_window_mask(T, start, window, device, attn_mask=None):

@@ -141,7 +141,7 @@ def test_skip_mode_skips_and_counts_every_bad_record(tmp_path, tok):
     (dict(train_data=["nowhere.jsonl"]), "train_data: nowhere.jsonl: file not found"),
     (dict(val_data="nowhere.jsonl"), "val_data: nowhere.jsonl: file not found"),
     (dict(data_weights=[1.0, 2.0]), "data_weights has 2 weights for 1 train_data files"),
-    (dict(train_on="assistants"), "train_on = 'assistants' should be one of assistant, last, all"),
+    (dict(template="jinja"), "template = 'jinja' should be one of auto, chatml"),
     (dict(train_data=[]), "train_data is empty"),
 ])
 def test_data_settings_are_checked_before_anything_loads(overrides, message):

@@ -1,0 +1,55 @@
+"""Write a tiny random Llama model folder for smoke tests and mechanical experiments.
+
+    python tools/make_tiny_model.py --out models/tiny --tokenizer models/SmolLM2-135M-Instruct
+
+It borrows the tokenizer files of a real model folder (so it reads the same data and chat
+template as the real model) and gets random weights: N(0, 0.02) matrices, unit norm gains, as
+in GPT-2 / Llama initialisation. Written by our own model.save_model, nothing else needed.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import Transformer, read_config, save_model  # noqa: E402
+
+
+def make_tiny_model(out, tokenizer_dir, hidden_size=64, layers=2, heads=4, kv_heads=2,
+                    intermediate_size=128, seed=0):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(tokenizer_dir, "config.json")) as f:
+        base = json.load(f)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": base["vocab_size"], "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "hidden_act": "silu",
+        "bos_token_id": base.get("bos_token_id"), "eos_token_id": base.get("eos_token_id"),
+        "pad_token_id": base.get("pad_token_id"), "torch_dtype": "float32",
+    }
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    torch.manual_seed(seed)
+    model = Transformer(read_config(out))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.02)
+    model.source_dir = tokenizer_dir  # save_model copies the tokenizer files from here
+    save_model(model, out)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="models/tiny")
+    p.add_argument("--tokenizer", default="models/SmolLM2-135M-Instruct",
+                   help="a model folder whose tokenizer files are copied")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(make_tiny_model(args.out, args.tokenizer, seed=args.seed))
