@@ -1,0 +1,142 @@
+"""train.py end to end on the tiny model: exact resume, DDP, interruptions, config errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARGS = ["--config", "configs/tiny.py", "--dtype=float32", "--eval_every=0", "--save_every=100"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_model_dir, tmp_path_factory):
+    """models/tiny: a tiny random Llama with SmolLM2's tokenizer (what configs/tiny.py names)."""
+    folder = os.path.join(ROOT, "models", "tiny")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", folder,
+                        "--tokenizer", real_model_dir], cwd=ROOT, check=True, capture_output=True)
+    return folder
+
+
+def run_train(args, out_dir, check=True, launcher=(sys.executable,)):
+    proc = subprocess.run([*launcher, "train.py", *TINY_ARGS, f"--out_dir={out_dir}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def final_weights(out_dir):
+    with open(os.path.join(out_dir, "ckpt", "latest")) as f:
+        return load_file(os.path.join(out_dir, "ckpt", f.read().strip(), "trainable.safetensors"))
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_model, tmp_path):
+    # dropout draws random numbers and 8 steps cross epoch boundaries: RNG and data position
+    # must both be restored for the weights to come out identical
+    common = ["--max_steps=8", "--lora_dropout=0.1", "--packing=packed", "--seq_len=96"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_train(common, straight)
+    run_train(common + ["--stop_after=4"], split)
+    assert json.load(open(os.path.join(split, "ckpt", "step_0000004", "state.json")))["step"] == 4
+    assert not os.path.exists(os.path.join(split, "adapter"))  # not finished yet
+    run_train(common + ["--resume"], split)
+    a, b = final_weights(straight), final_weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= 1e-7, k
+    assert [m["train_loss"] for m in metrics(straight)] == pytest.approx(
+        [m["train_loss"] for m in metrics(split)], abs=1e-7)
+
+
+def test_two_process_ddp_gives_the_loss_curve_of_one_process_with_twice_the_batch(tiny_model, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = ["--max_steps=4", "--grad_accum=2"]
+    run_train(common + ["--batch_size=2"], one)
+    run_train(common + ["--batch_size=1"], two, launcher=(
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"))
+    curve_one = [m["train_loss"] for m in metrics(one)]
+    curve_two = [m["train_loss"] for m in metrics(two)]
+    assert len(curve_one) == 4 and curve_two == pytest.approx(curve_one, abs=1e-5)
+    a, b = final_weights(one), final_weights(two)
+    assert all((a[k] - b[k]).abs().max().item() <= 1e-5 for k in a)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path):
+    out = str(tmp_path / "nan")
+    # full fine-tuning at lr 1e19 overflows fp32 within a few steps
+    proc = run_train(["--max_steps=30", "--method=full", "--lr=1e19", "--warmup_steps=0",
+                      "--grad_clip=0", "--save_every=1"], out, check=False)
+    assert proc.returncode == 1
+    assert "loss is nan" in proc.stdout or "loss is inf" in proc.stdout or "gradient norm nan" in proc.stdout
+    weights = final_weights(out)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not os.path.exists(os.path.join(out, "model"))  # no final export of a broken run
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
+    out = str(tmp_path / "interrupted")
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, f"--out_dir={out}",
+                             "--max_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (os.path.exists(os.path.join(out, "metrics.jsonl")) and metrics(out)):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted" in stdout
+    step = json.load(open(os.path.join(out, "ckpt", open(os.path.join(out, "ckpt", "latest")).read(),
+                                       "state.json")))["step"]
+    assert step == metrics(out)[-1]["step"] >= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lerning_rate=1e-4"], "unknown config key 'lerning_rate'"),
+    (["--lr=fast"], "lr = 'fast' should be float"),
+    (["--train_data=data/nope.jsonl"], "data/nope.jsonl: file not found"),
+    (["--method=prompt_tuning"], "method"),
+])
+def test_config_errors_are_one_line_exit_nonzero_and_write_nothing(tiny_model, tmp_path, args, message):
+    out = str(tmp_path / "never")
+    proc = run_train(args, out, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+    assert not os.path.exists(out)
+
+
+def test_unknown_key_error_suggests_the_closest_key(tiny_model, tmp_path):
+    proc = run_train(["--lora_rnk=8"], str(tmp_path / "never"), check=False)
+    assert "did you mean 'lora_rank'" in proc.stderr
+
+
+def test_run_folder_has_config_metrics_curve_checkpoint_and_adapter(tiny_model, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(["--max_steps=3", "--eval_every=2"], out)
+    assert json.load(open(os.path.join(out, "config.json")))["max_steps"] == 3
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert {"step", "train_loss", "lr", "grad_norm", "tokens_per_s", "mem_bytes"} <= lines[0].keys()
+    assert "val_loss" in lines[1] and "val_loss" in lines[2]
+    assert open(os.path.join(out, "loss.svg")).read().startswith("<svg")
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "best", "adapter_config.json"))
+
+
+def test_a_second_run_into_a_folder_with_a_checkpoint_is_refused(tiny_model, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(["--max_steps=1"], out)
+    proc = run_train(["--max_steps=1"], out, check=False)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
