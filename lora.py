@@ -225,8 +225,11 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged or self.disabled:
             return y
-        h = self.dropout(x).to(self.lora_A.weight.dtype)  # under autocast, the matmuls run in bf16
-        return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast A and B run in bf16 anyway
+            h = h.to(self.lora_A.weight.dtype)
+        # scaling applied to the (.., r) intermediate: same result, r instead of out multiplies
+        return y + self.lora_B(self.lora_A(h) * self.scaling).to(y.dtype)
 
     def delta_weight(self):
         """scaling * B A: (out, in), fp32, what merging adds to W."""

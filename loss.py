@@ -39,20 +39,23 @@ def chunked_linear_loss(h, weight, chunk_size, chunk_loss, want_grad_h, want_gra
     chunk_loss returns (loss sum, d loss / d logits); the gradients w.r.t. h (N, C) and W (V, C) are
     accumulated chunk by chunk when asked for. Runs with autocast off, in fp32 (fp64 for fp64 inputs)."""
     dtype = compute_dtype(h)
+    # The matmuls run in bf16 when the hidden states arrive in bf16 (autocast training: what the
+    # lm_head would do there, at twice fp32's speed); softmax, loss and gradients stay in fp32.
+    mm_dtype = h.dtype if h.dtype in (torch.bfloat16, torch.float16) else dtype
     with torch.autocast(h.device.type, enabled=False):
-        w = weight.to(dtype)                                                   # (V, C)
+        w = weight.to(mm_dtype)                                                # (V, C)
         total = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if want_grad_h else None
-        grad_w = torch.zeros_like(w) if want_grad_w else None
+        grad_w = torch.zeros(w.shape, dtype=dtype, device=h.device) if want_grad_w else None
         for start in range(0, h.shape[0], chunk_size):
-            hc = h[start:start + chunk_size].to(dtype)                         # (n, C)
-            logits = hc @ w.t()                                                # (n, V)
+            hc = h[start:start + chunk_size].to(mm_dtype)                      # (n, C)
+            logits = (hc @ w.t()).to(dtype)                                    # (n, V)
             loss, dlogits = chunk_loss(logits, start)
             total += loss
             if want_grad_h:
-                grad_h[start:start + chunk_size] = dlogits @ w                 # (n, C)
+                grad_h[start:start + chunk_size] = dlogits.to(mm_dtype) @ w    # (n, C)
             if want_grad_w:
-                grad_w.addmm_(dlogits.t(), hc)                                 # (V, C) += (V, n) @ (n, C)
+                grad_w.addmm_(dlogits.t(), hc.to(dtype))                       # (V, C) += (V, n) @ (n, C)
             del logits, dlogits  # free this chunk before the next one is allocated
     return total, grad_h, grad_w
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ops import rms_norm, swiglu
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -120,7 +122,9 @@ def read_config(path):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight   (Zhang & Sennrich 2019). Computed in fp32."""
+    """weight * x / sqrt(mean(x^2) + eps)   (Zhang & Sennrich 2019), normalised in fp32.
+
+    ops.rms_norm computes exactly that; its hand-written backward keeps less memory."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -128,10 +132,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg):
@@ -162,10 +163,10 @@ def rope_cos_sin(inv_freq, position_ids):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its angle."""
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its angle, in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class KVCache:
@@ -231,7 +232,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class Block(nn.Module):

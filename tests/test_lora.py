@@ -98,7 +98,7 @@ def test_scaling_and_output_match_peft_on_the_same_A_and_B(rslora):
     assert ours.scaling == (12 / 2 if rslora else 12 / 4)
     assert ours.scaling == theirs.base_model.model.proj.scaling["default"]
     x = torch.randn(5, 32)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)  # same math, rounding may differ
     assert not torch.allclose(ours(x), ours.base_layer(x))  # the update is really there
 
 

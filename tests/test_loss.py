@@ -87,14 +87,19 @@ def test_frozen_output_weight_gets_no_gradient_and_hidden_gradient_is_unchanged(
     assert torch.allclose(hidden.grad, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_bf16_hidden_states_under_autocast_are_computed_in_fp32():
+def test_bf16_hidden_states_give_bf16_matmuls_and_an_fp32_loss():
+    """Under autocast the logits come from a bf16 matmul (as the lm_head would run there);
+    softmax and the loss are fp32, so the result is PyTorch's cross-entropy on those logits."""
     hidden, weight, targets = random_problem(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h16 = hidden.to(torch.bfloat16)
         value = loss.masked_cross_entropy(h16, weight, targets)
     assert value.dtype == torch.float32
-    reference = full_logits_loss(h16.float(), weight, targets)  # same bf16 inputs, fp32 math
+    logits = (h16 @ weight.to(torch.bfloat16).t()).float()
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                reduction="sum", ignore_index=-100)
     assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert value.item() == pytest.approx(full_logits_loss(hidden, weight, targets).item(), rel=1e-2)
     g_h16, = grads(value, h16)
     assert g_h16.dtype == torch.bfloat16
 

@@ -1,0 +1,246 @@
+"""Training-step speed and memory: ours, and (with --compare-hf) transformers + PEFT (+ bitsandbytes).
+
+    python bench.py --model models/SmolLM2-135M-Instruct --method lora --batch 4 --seq 256 --compare-hf
+
+Both sides train on the same random tokens (labels -100 on the first half of each row, so half
+the tokens are trained), LoRA r=16 alpha=32 on all linear layers of the blocks, AdamW, bf16
+compute (frozen weights in bf16, trainable ones in fp32, autocast). Each side runs in its own
+child process so that each one's peak memory is its own: peak RSS on CPU, max_memory_allocated
+on CUDA. A step = forward + loss + backward + optimizer step; we time `--steps` steps after
+`--warmup` steps and report the median.
+
+FLOPs per step are counted from the shapes (a matmul of (m, k) by (k, n) is 2mkn):
+  forward    2 * tokens * (parameters of the block linears) + attention + the head on trained tokens
+  backward   the same again for the input gradients, and once more for the weight gradients of
+             trained matrices (full fine-tuning: all of them; LoRA: only the tiny A and B)
+MFU is achieved FLOP/s over the measured peak of a large matmul in the compute dtype on this
+machine (not a datasheet number).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def matmul_peak_flops(dtype, device, n=2048, repeat=10):
+    """FLOP/s of an n x n x n matmul, the best of `repeat` after warm-up."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for i in range(repeat + 2):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(cfg, method, batch, seq, n_trained, rank=16):
+    """FLOPs of one training step, from the model's shapes (see the module docstring)."""
+    C, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    d = cfg.get("head_dim") or C // heads
+    block_params = L * (C * heads * d + 2 * C * kv * d + heads * d * C + 3 * C * I)
+    tokens = batch * seq
+    attention = L * 2 * 2 * batch * seq * seq * heads * d / 2  # q k^T and p v, causal half
+    head = 2 * n_trained * V * C
+    forward = 2 * tokens * block_params + attention + head
+    input_grads = forward
+    if method == "full":
+        weight_grads = 2 * tokens * block_params + head
+    else:  # LoRA A (r, in) and B (out, r) on the 7 linears of each block
+        lora_params = L * rank * (C + heads * d + 2 * (C + kv * d) + heads * d + C + 2 * (C + I) + I + C)
+        weight_grads = 2 * tokens * lora_params
+    return forward + input_grads + weight_grads
+
+
+def make_inputs(vocab, batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100  # train on the second half of each row
+    return ids, labels
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_steps(step, steps, warmup, device):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+# ---------------------------------------------------------------------------------------------
+# The two sides, each run in a child process: `python bench.py --child ours|hf ...`
+
+
+def run_ours(args, device):
+    sys.path.insert(0, ROOT)
+    import lora
+    from loss import masked_cross_entropy
+    from model import load_model
+    from train import adamw_init, adamw_step
+
+    bf16 = args.dtype == "bfloat16"
+    model = load_model(args.model, dtype=torch.bfloat16 if bf16 and args.method != "full" else torch.float32,
+                       device=device)
+    lora.prepare_model(model, args.method, lora_rank=16, lora_alpha=32.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    model.grad_checkpointing = args.grad_checkpointing
+    net = torch.compile(model) if args.compile else model
+    state = adamw_init(params)
+    ids, labels = make_inputs(model.config.vocab_size, args.batch, args.seq)
+    ids, labels = ids.to(device), labels.to(device)
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
+    n_trained = int((targets != -100).sum())
+    model.train()
+    counter = [0]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = net(ids, return_hidden=True)
+            loss = masked_cross_entropy(hidden, model.lm_head.weight, targets) / n_trained
+        loss.backward()
+        counter[0] += 1
+        adamw_step(params, state, counter[0], 1e-4, (0.9, 0.999), 1e-8, 0.0)
+        for p in params:
+            p.grad = None
+
+    return step, n_trained
+
+
+def run_hf(args, device):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    bf16 = args.dtype == "bfloat16"
+    kwargs = {"dtype": torch.bfloat16 if bf16 and args.method != "full" else torch.float32,
+              "device_map": str(device)}
+    if args.method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.method in ("lora", "qlora"):
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = make_inputs(model.config.vocab_size, args.batch, args.seq)
+    ids, labels = ids.to(device), labels.to(device)
+    model.train()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, int((labels[:, 1:] != -100).sum())
+
+
+def child(args):
+    device = torch.device(args.device)
+    step, n_trained = (run_ours if args.child == "ours" else run_hf)(args, device)
+    median, times = time_steps(step, args.steps, args.warmup, device)
+    print(json.dumps(dict(median_s=median, times=times, n_trained=n_trained,
+                          peak_mem_bytes=peak_memory(device))))
+
+
+def run_child(side, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", side] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k not in ("child", "compare_hf", "json") and v is not None and not isinstance(v, bool)]
+    cmd += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if isinstance(v, bool) and v and k not in ("compare_hf", "json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench: the {side} side failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="bfloat16: frozen weights in bf16 + autocast; float32: everything fp32")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers + PEFT")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    with open(os.path.join(args.model, "config.json")) as f:
+        cfg = json.load(f)
+    device = torch.device(args.device)
+    peak = matmul_peak_flops(getattr(torch, args.dtype), device)
+    tokens = args.batch * args.seq
+    ours = run_child("ours", args)
+    flops = step_flops(cfg, args.method, args.batch, args.seq, ours["n_trained"])
+    result = dict(method=args.method, batch=args.batch, seq=args.seq, device=str(device), dtype=args.dtype,
+                  tokens_per_s=tokens / ours["median_s"], step_s=ours["median_s"],
+                  peak_mem_bytes=ours["peak_mem_bytes"], flops_per_step=flops,
+                  achieved_flops=flops / ours["median_s"], matmul_peak_flops=peak,
+                  mfu=flops / ours["median_s"] / peak)
+    print(f"machine: {device}, {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
+    print(f"{args.method}, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, median of {args.steps} steps")
+    print(f"  ours: {result['tokens_per_s']:8.1f} tokens/s  {result['step_s']:6.2f} s/step  "
+          f"peak {result['peak_mem_bytes'] / 2**30:.2f} GiB  "
+          f"{result['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {100 * result['mfu']:.0f}%")
+    if args.compare_hf:
+        hf = run_child("hf", args)
+        result.update(hf_tokens_per_s=tokens / hf["median_s"], hf_step_s=hf["median_s"],
+                      hf_peak_mem_bytes=hf["peak_mem_bytes"])
+        result.update(speedup=result["tokens_per_s"] / result["hf_tokens_per_s"],
+                      memory_ratio=result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
+        print(f"  hf:   {result['hf_tokens_per_s']:8.1f} tokens/s  {result['hf_step_s']:6.2f} s/step  "
+              f"peak {result['hf_peak_mem_bytes'] / 2**30:.2f} GiB  (transformers + peft"
+              f"{' + bitsandbytes' if args.method == 'qlora' else ''})")
+        print(f"  ours / hf: {result['speedup']:.2f}x the speed, {result['memory_ratio']:.2f}x the peak memory")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
