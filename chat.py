@@ -19,7 +19,7 @@ import torch
 
 import data
 import lora
-from config import ConfigError, exit_on_config_error, parse_cli
+from config import exit_on_config_error, parse_cli, resolve_hardware
 from model import ModelLoadError, generate, load_model
 from tokenizer import load_tokenizer, utf8_complete_length
 
@@ -70,10 +70,7 @@ def main(argv=None):
     cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {
         "adapter": "", "temperature": 0.7, "top_k": 0, "top_p": 0.9, "max_new_tokens": 256, "system": ""})
     interactive = sys.stdin.isatty()
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype = {cfg.dtype!r} should be float32 or bfloat16")
+    device, cfg.dtype = resolve_hardware(cfg, log=lambda line: print(line, file=sys.stderr))
     try:
         tokenizer = load_tokenizer(cfg.model)
         data.resolve_template(cfg.template, tokenizer)  # an unknown template fails here, not mid-chat

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from config import ConfigError, exit_on_config_error, parse_cli
+from config import ConfigError, exit_on_config_error, parse_cli, resolve_hardware
 from loss import masked_cross_entropy
 from model import ModelLoadError, generate, load_model
 from tokenizer import load_tokenizer
@@ -393,10 +393,7 @@ def write_report(path, command, cfg, flags, sets, base, tuned, base_answers, tun
 
 
 def device_and_dtype(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype = {cfg.dtype!r} should be float32 or bfloat16")
+    device, cfg.dtype = resolve_hardware(cfg)
     return device, getattr(torch, cfg.dtype)
 
 

@@ -16,7 +16,6 @@ a PEFT folder) or model/ (other methods: an HF folder), plus merged/ when merge 
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from config import ConfigError, parse_cli, save_config
+from config import ConfigError, parse_cli, resolve_hardware, save_config
 from loss import masked_cross_entropy, distillation_loss
 from model import ModelLoadError, generate, load_model, save_model
 from plot import write_svg_chart
@@ -333,7 +332,14 @@ def main(argv):
     rank, world = setup_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if flags["resume"] and cfg.dtype == "auto":  # resume exactly as the run started
+        with open(os.path.join(cfg.out_dir, "config.json")) as f:
+            cfg.dtype = json.load(f)["dtype"]
+    device, cfg.dtype = resolve_hardware(cfg, log)  # "auto" becomes what it means here
+    if world > 1:  # every rank must compute in the same dtype: rank 0's choice
+        choice = [cfg.dtype]
+        dist.broadcast_object_list(choice, src=0)
+        cfg.dtype = choice[0]
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(cfg.seed)
