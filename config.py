@@ -63,6 +63,7 @@ class Config:
     grad_clip: float = 1.0          # max global gradient norm; 0 = no clipping
     neftune_alpha: float = 0.0      # NEFTune noise on input embeddings; 0 = off
     distill_weight: float = 0.0     # weight of the KL-to-base-model loss (forgetting mitigation)
+    distill_on: str = "prompt"      # where that KL is taken: the prompt tokens, or the answer tokens
     # --- hardware -------------------------------------------------------------------------------
     dtype: str = "auto"             # float32 | bfloat16 (bf16 frozen weights + autocast) | auto
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -87,6 +88,7 @@ CHOICES = {
     "packing": ("none", "packed"),
     "on_bad_data": ("stop", "skip"),
     "dtype": ("auto", "float32", "bfloat16"),
+    "distill_on": ("prompt", "answer"),
 }
 
 
@@ -176,12 +178,12 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
-def parse_cli(argv, flags=None):
-    """Split argv into a Config and the script's own flags.
+def split_cli(argv, flags=None):
+    """Split argv into (config path, ["--key=value" overrides], the script's own flags).
 
     `flags` maps a script flag to its default (`{"resume": False, "show": 0}`): a bool flag is
     a switch (`--resume`), any other takes a value (`--show 3` or `--show=3`). Everything else
-    must be `--config FILE` or a config override `--key=value`.
+    must be `--config FILE` or a config override (`--key=value` or `--key value`).
     """
     flags = dict(flags or {})
     path, overrides, args = None, [], list(argv)
@@ -197,14 +199,26 @@ def parse_cli(argv, flags=None):
                 value = args.pop(0)
             if name == "config":
                 path = value
+            elif flags[name] is None:
+                flags[name] = value
             else:
-                flags[name] = type(flags[name])(value) if flags[name] is not None else value
+                try:
+                    flags[name] = type(flags[name])(value)
+                except ValueError:
+                    raise ConfigError(f"command line: --{name}={value} should be of type "
+                                      f"{type(flags[name]).__name__}") from None
         elif name in flags:
             flags[name] = True
         elif name in KEYS and not sep and args and not args[0].startswith("--"):
-            overrides.append(f"{name}={args.pop(0)}")  # --lr 1e-4
+            overrides.append(f"--{name}={args.pop(0)}")  # --lr 1e-4
         else:
             overrides.append(arg)
+    return path, overrides, flags
+
+
+def parse_cli(argv, flags=None):
+    """-> (Config, the script's own flags): split_cli, then the config file with the overrides."""
+    path, overrides, flags = split_cli(argv, flags)
     return load_config(path, overrides), flags
 
 

@@ -398,6 +398,7 @@ def collate(examples, rows, seq_len, pad_id):
     attn_mask: None (the plain causal mask) when every row holds one example, else bool (B, 1, T, T),
         block-diagonal causal: True where query t may attend key s (same example, s <= t). Padding
         attends only to padding, so no query row is all False (which would make softmax NaN).
+    is_token (B, T) bool: True where the position holds a token, False on padding.
     n_trained: the number of targets != -100 (sum these over an optimizer step to normalize the loss).
     n_tokens: the number of tokens that are not padding."""
     lengths = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
@@ -425,7 +426,8 @@ def collate(examples, rows, seq_len, pad_id):
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         attn_mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
     targets = torch.from_numpy(targets)
-    return {"input_ids": torch.from_numpy(input_ids), "targets": targets,
+    is_token = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    return {"input_ids": torch.from_numpy(input_ids), "targets": targets, "is_token": is_token,
             "position_ids": torch.from_numpy(position_ids), "attn_mask": attn_mask,
             "n_trained": int((targets != IGNORE).sum()), "n_tokens": sum(lengths)}
 

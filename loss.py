@@ -127,20 +127,23 @@ def masked_cross_entropy(hidden, weight, targets, chunk_size=512):
     return linear_loss(h, weight, chunk_size, chunk_loss)
 
 
-def distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, chunk_size=512, temperature=1.0):
-    """Sum over trained positions (targets != -100) of KL(teacher || student) between the softmaxes
-    of the logits divided by `temperature`, times temperature^2 (Hinton et al. 2015, so the gradient
-    scale does not depend on the temperature). Used against catastrophic forgetting: the teacher is the
-    frozen base model, and the student is pulled toward its predictions where it is trained.
+def distillation_loss(hidden, weight, teacher_hidden, teacher_weight, positions, chunk_size=512, temperature=1.0):
+    """Sum over the chosen positions of KL(teacher || student) between the softmaxes of the logits
+    divided by `temperature`, times temperature^2 (Hinton et al. 2015, so the gradient scale does not
+    depend on the temperature). Used against catastrophic forgetting: the teacher is the frozen base
+    model, and the student is pulled toward its next-token predictions where `positions` is True.
 
     hidden (B, T, C), weight (V, C): the student's, as in masked_cross_entropy. teacher_hidden
     (B, T, Ct), teacher_weight (V, Ct): the teacher's (computed under torch.no_grad; no gradient).
+    positions (B, T) bool: where to compare (train.py: the answer tokens, or the prompt tokens).
     With p = softmax(z_teacher / T) and q = softmax(z_student / T):
         KL = sum_v p_v (log p_v - log q_v),  d (T^2 KL) / d z_student = T (q - p)."""
     if teacher_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"teacher vocabulary {teacher_weight.shape[0]} != student vocabulary {weight.shape[0]}")
-    h, _ = trained_rows(hidden, targets, weight.shape[0])
-    th = teacher_hidden[targets != IGNORE].detach()                            # (N, Ct)
+    if hidden.shape[:2] != positions.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and positions {tuple(positions.shape)} differ in (B, T)")
+    h = hidden[positions]                                                      # (N, C)
+    th = teacher_hidden[positions].detach()                                    # (N, Ct)
     tw = teacher_weight.detach().to(compute_dtype(h))
 
     def chunk_loss(logits, start):                                             # student logits (n, V)

@@ -373,8 +373,9 @@ def main(argv):
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     my_rows = lambda rows: rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
     samples = sample_prompts(cfg, tokenizer, stats.template, val_set)
-    val_batches = [data.collate(val_set, rows, cfg.seq_len, tokenizer.pad_id) for rows in
-                   data.plan_batches(val_set, cfg.batch_size, cfg.seq_len, cfg.packing, cfg.seed, 0)]
+    val_plan = data.plan_batches(val_set, cfg.batch_size, cfg.seq_len, cfg.packing, cfg.seed, 0)
+    val_batches = [data.collate(val_set, rows, cfg.seq_len, tokenizer.pad_id)
+                   for rows in val_plan[:cfg.eval_batches or None]]  # the same batches at every eval
 
     opt_state = adamw_init(params)
     progress = dict(step=0, epoch=0, batch=0, best_val=None, evals_since_best=0)
@@ -416,13 +417,17 @@ def main(argv):
             last_micro = i == len(step_rows) - 1
             with (net.no_sync() if world > 1 and not last_micro else nullcontext()), autocast:
                 hidden = hidden_of(net, batch)                                    # (B, T, C)
-                loss = masked_cross_entropy(hidden, model.lm_head.weight, batch["targets"])  # sum
-                if teacher is not None:
+                loss = ce = masked_cross_entropy(hidden, model.lm_head.weight, batch["targets"])  # sum
+                if teacher is not None:  # pull toward the base model's next-token predictions
+                    answer = batch["targets"] != data.IGNORE
+                    # "prompt": where the SFT loss leaves the model free to drift (forgetting shows
+                    # there first); "answer": where it trains (a tug of war with the SFT loss)
+                    where = answer if cfg.distill_on == "answer" else ~answer & batch["is_token"]
                     loss = loss + cfg.distill_weight * distillation_loss(
-                        hidden, model.lm_head.weight, *teacher(batch), batch["targets"])
+                        hidden, model.lm_head.weight, *teacher(batch), where)
             # DDP averages gradients over ranks; times world makes that a sum over ranks
             (loss * world / max(n_trained, 1)).backward()
-            loss_sum, tokens = loss_sum + loss.item(), tokens + batch["n_tokens"]
+            loss_sum, tokens = loss_sum + ce.item(), tokens + batch["n_tokens"]  # logged: the SFT loss alone
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], world)
         train_loss = loss_sum / max(n_trained, 1)
         grad_norm = clip_grad_norm(params, cfg.grad_clip)

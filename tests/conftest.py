@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random checkpoints saved by transformers, and the real SmolLM2 folder."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,6 +25,17 @@ def real_model_dir():
             pytest.fail(message)
         pytest.skip(message)
     return REAL_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_model_dir):
+    """models/tiny: a tiny random Llama with SmolLM2's tokenizer (what configs/tiny.py and the
+    course's --quick runs name), made once by tools/make_tiny_model.py."""
+    folder = os.path.join(ROOT, "models", "tiny")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", folder,
+                        "--tokenizer", real_model_dir], cwd=ROOT, check=True, capture_output=True)
+    return folder
 
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -343,6 +343,7 @@ def test_collate_shifts_targets_and_never_crosses_an_example_boundary():
     assert (targets[1, 3:] == -100).all() and (ids[1, 4:] == 0).all()
     assert batch["n_trained"] == int((targets != -100).sum()) == data.count_trained(examples, [[0, 1], [2]])
     assert batch["n_tokens"] == 16                                # padding is not counted
+    assert batch["is_token"].tolist() == [[True] * 12, [True] * 4 + [False] * 8]
 
 
 def test_packed_attention_mask_is_block_diagonal_causal():

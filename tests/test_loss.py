@@ -112,12 +112,12 @@ def test_target_outside_the_vocabulary_is_a_clear_error():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_distillation_kl_equals_full_logits_kl_at_trained_positions(temperature):
+def test_distillation_kl_equals_full_logits_kl_at_the_chosen_positions(temperature):
     hidden, weight, targets = random_problem()
     teacher_hidden, teacher_weight = torch.randn(3, 9, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
-    ours = loss.distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, chunk_size=4,
+    m = targets == -100  # the prompt positions, as train.py's distill_on = "prompt"
+    ours = loss.distillation_loss(hidden, weight, teacher_hidden, teacher_weight, m, chunk_size=4,
                                 temperature=temperature)
-    m = targets != -100
     log_q = F.log_softmax((hidden @ weight.t())[m] / temperature, -1)
     log_p = F.log_softmax((teacher_hidden @ teacher_weight.t())[m] / temperature, -1)
     reference = F.kl_div(log_q, log_p, log_target=True, reduction="sum") * temperature ** 2
@@ -128,7 +128,7 @@ def test_distillation_kl_equals_full_logits_kl_at_trained_positions(temperature)
 
 def test_distillation_to_itself_is_zero():
     hidden, weight, targets = random_problem()
-    value = loss.distillation_loss(hidden, weight, hidden.detach(), weight.detach(), targets)
+    value = loss.distillation_loss(hidden, weight, hidden.detach(), weight.detach(), targets != -100)
     assert abs(value.item()) < 1e-10
 
 

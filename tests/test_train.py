@@ -14,16 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--config", "configs/tiny.py", "--dtype=float32", "--eval_every=0", "--save_every=100"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(real_model_dir, tmp_path_factory):
-    """models/tiny: a tiny random Llama with SmolLM2's tokenizer (what configs/tiny.py names)."""
-    folder = os.path.join(ROOT, "models", "tiny")
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", folder,
-                        "--tokenizer", real_model_dir], cwd=ROOT, check=True, capture_output=True)
-    return folder
-
-
 def run_train(args, out_dir, check=True, launcher=(sys.executable,)):
     proc = subprocess.run([*launcher, "train.py", *TINY_ARGS, f"--out_dir={out_dir}", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -139,3 +129,32 @@ def test_a_second_run_into_a_folder_with_a_checkpoint_is_refused(tiny_model, tmp
     run_train(["--max_steps=1"], out)
     proc = run_train(["--max_steps=1"], out, check=False)
     assert proc.returncode != 0 and "--resume" in proc.stderr
+
+
+def test_demo_config_runs_end_to_end_on_the_real_model_and_its_adapter_loads(real_model_dir, tmp_path):
+    """configs/demo.py as the README runs it, cut to 2 steps of 1 row: the real SmolLM2,
+    the bundled demo data, and an adapter folder that our loader reads back."""
+    import lora
+    from model import load_model
+    out = str(tmp_path / "demo")
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", f"--out_dir={out}",
+                           "--max_steps=2", "--batch_size=1", "--seq_len=256", "--eval_every=0", "--eval_batches=1",
+                           f"--model={real_model_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = load_model(real_model_dir)
+    lora.load_adapter(model, os.path.join(out, "adapter"))
+    assert len(lora.lora_layers(model)) == 30 * 7  # every linear of the 30 blocks
+    assert any(m.lora_B.weight.abs().sum() > 0 for m in lora.lora_layers(model).values())
+
+
+@pytest.mark.parametrize("where", ["prompt", "answer"])
+def test_distillation_changes_the_update_but_not_the_logged_sft_loss(tiny_model, tmp_path, where):
+    """A fresh adapter is the base model, so the KL is 0 at step 1 and the first logged losses agree;
+    after that the KL term pulls the weights elsewhere. The logged train loss is the SFT loss alone."""
+    plain, distilled = str(tmp_path / "plain"), str(tmp_path / where)
+    run_train(["--max_steps=3", "--lr=1e-2"], plain)
+    run_train(["--max_steps=3", "--lr=1e-2", "--distill_weight=10", f"--distill_on={where}"], distilled)
+    assert metrics(plain)[0]["train_loss"] == pytest.approx(metrics(distilled)[0]["train_loss"], abs=1e-6)
+    a, b = final_weights(plain), final_weights(distilled)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
