@@ -1,7 +1,13 @@
 """config.py: defaults, config files, typed --key=value overrides, clear errors."""
+import glob
+import os
+
 import pytest
 
 from config import ConfigError, load_config, parse_cli
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_config(tmp_path, text):
@@ -50,3 +56,11 @@ def test_syntax_error_in_a_config_file_names_file_and_line(tmp_path):
     path = write_config(tmp_path, "lr = 1e-4\nseq_len = = 3\n")
     with pytest.raises(ConfigError, match=r"x\.py:2: "):
         load_config(path)
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)))
+def test_every_bundled_config_loads_and_its_data_files_exist(name):
+    cfg = load_config(os.path.join(ROOT, name))
+    for path in [*cfg.train_data, cfg.val_data, cfg.test_data]:
+        assert not path or os.path.exists(os.path.join(ROOT, path)), f"{name}: {path} missing"

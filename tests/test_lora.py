@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import lora
+import nf4
 import model as model_lib
 from conftest import save_tiny_model
 
@@ -181,11 +182,11 @@ def test_lora_trains_only_A_and_B(tiny):
 def test_qlora_stores_every_block_linear_in_nf4_and_nothing_else(tiny):
     lora.prepare_model(tiny, "qlora", lora_rank=4, lora_alpha=8, lora_targets="q_proj")
     for block in tiny.layers:
-        assert isinstance(block.self_attn.q_proj.base_layer, lora.NF4Linear)
+        assert isinstance(block.self_attn.q_proj.base_layer, nf4.NF4Linear)
         for name in ("k_proj", "v_proj", "o_proj"):
-            assert isinstance(getattr(block.self_attn, name), lora.NF4Linear)
+            assert isinstance(getattr(block.self_attn, name), nf4.NF4Linear)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            assert isinstance(getattr(block.mlp, name), lora.NF4Linear)
+            assert isinstance(getattr(block.mlp, name), nf4.NF4Linear)
     assert type(tiny.lm_head) is nn.Linear and tiny.embed_tokens.weight.dtype == torch.float32
     expected = {f"layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in (0, 1) for ab in "AB"}
     assert grads_by_name(tiny) == expected
@@ -311,7 +312,7 @@ def test_qlora_weights_take_fewer_bytes_than_lora(tiny_model_dir):
     lora.prepare_model(b, "qlora", lora_rank=4, lora_alpha=8)
     ca, cb = lora.count_trainable(a), lora.count_trainable(b)
     assert ca["trainable"] == cb["trainable"] and ca["frozen"] == cb["frozen"]
-    linear_numel = sum(m.nf4.shape.numel() for m in b.modules() if isinstance(m, lora.NF4Linear))
+    linear_numel = sum(m.nf4.shape.numel() for m in b.modules() if isinstance(m, nf4.NF4Linear))
     assert ca["weight_bytes"] - cb["weight_bytes"] == 4 * linear_numel - cb["nf4_bytes"]
 
 

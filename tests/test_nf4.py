@@ -1,4 +1,4 @@
-"""NF4 4-bit weights (lora.quantize_nf4 / dequantize_nf4 / NF4Linear).
+"""NF4 4-bit weights (nf4.quantize_nf4 / dequantize_nf4 / NF4Linear).
 
 bitsandbytes is the oracle: our bytes, statistics and dequantized values must be identical to
 what its CPU path produces, so a QLoRA adapter trained here sees the same frozen weights as one
@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import lora
+import nf4
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -38,7 +39,7 @@ def random_weight(shape, dtype=torch.float32, seed=0):
 def test_packed_bytes_and_double_quant_statistics_match_bitsandbytes(shape, dtype):
     w = random_weight(shape, dtype)
     packed, state = bnb_quantize(w)
-    ours = lora.quantize_nf4(w)
+    ours = nf4.quantize_nf4(w)
     assert ours.packed.dtype == torch.uint8 and ours.packed.shape == ((w.numel() + 1) // 2,)
     assert torch.equal(ours.packed, packed.view(-1))
     assert torch.equal(ours.absmax, state.absmax)               # uint8 codes of absmax - offset
@@ -51,7 +52,7 @@ def test_packed_bytes_and_double_quant_statistics_match_bitsandbytes(shape, dtyp
 def test_dequantized_weight_is_identical_to_bitsandbytes(shape, out_dtype):
     w = random_weight(shape, seed=1)
     packed, state = bnb_quantize(w)
-    ours = lora.dequantize_nf4(lora.quantize_nf4(w), out_dtype)
+    ours = nf4.dequantize_nf4(nf4.quantize_nf4(w), out_dtype)
     assert ours.shape == w.shape and ours.dtype == out_dtype
     assert torch.equal(ours, bnb_dequantize(packed, state, out_dtype))
 
@@ -64,46 +65,46 @@ def test_rows_not_a_multiple_of_64_use_flat_blocks_like_bitsandbytes_reference(s
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     w = random_weight(shape, seed=4)
     packed, state = bnb_quantize(w, double_quant=False)
-    ours = lora.quantize_nf4(w, double_quant=False)
+    ours = nf4.quantize_nf4(w, double_quant=False)
     assert torch.equal(ours.packed, packed.view(-1))
     with torch.compiler.set_stance("force_eager"):
-        reference = _dequantize_4bit_compute(packed.view(-1), state.absmax, lora.NF4_CODE, 64, shape,
+        reference = _dequantize_4bit_compute(packed.view(-1), state.absmax, nf4.NF4_CODE, 64, shape,
                                              torch.float32)
-    assert torch.equal(lora.dequantize_nf4(ours), reference)
+    assert torch.equal(nf4.dequantize_nf4(ours), reference)
 
 
 def test_without_double_quant_matches_bitsandbytes():
     w = random_weight((192, 576), seed=2)
     packed, state = bnb_quantize(w, double_quant=False)
-    ours = lora.quantize_nf4(w, double_quant=False)
+    ours = nf4.quantize_nf4(w, double_quant=False)
     assert torch.equal(ours.packed, packed.view(-1))
     assert torch.equal(ours.absmax, state.absmax)
-    assert torch.equal(lora.dequantize_nf4(ours), bnb_dequantize(packed, state, torch.float32))
+    assert torch.equal(nf4.dequantize_nf4(ours), bnb_dequantize(packed, state, torch.float32))
 
 
 def test_dynamic_code_is_bitsandbytes_signed_dynamic_map():
-    assert torch.equal(lora.DYNAMIC_CODE, bnb_functional.create_dynamic_map(signed=True))
+    assert torch.equal(nf4.DYNAMIC_CODE, bnb_functional.create_dynamic_map(signed=True))
 
 
 def test_codes_are_nf4_values_two_per_byte_high_nibble_first():
     w = torch.tensor([[-1.0, 1.0, 0.0, 0.5626170039176941, -0.09105003625154495]])  # absmax 1
-    packed = lora.quantize_nf4(w).packed
+    packed = nf4.quantize_nf4(w).packed
     # codes 0, 15, 7, 13, 6, and a padding 0.0 (code 7) after the odd last element
     assert packed.tolist() == [0x0F, 0x7D, 0x67]
 
 
 def test_storage_is_about_4_127_bits_per_weight():
     w = random_weight((2048, 2048))
-    bits = lora.quantize_nf4(w).nbytes * 8 / w.numel()
+    bits = nf4.quantize_nf4(w).nbytes * 8 / w.numel()
     assert abs(bits - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-3  # 4.127
-    assert abs(lora.quantize_nf4(w, double_quant=False).nbytes * 8 / w.numel() - 4.5) < 1e-3
+    assert abs(nf4.quantize_nf4(w, double_quant=False).nbytes * 8 / w.numel() - 4.5) < 1e-3
 
 
 def test_quantization_error_is_within_half_a_code_gap():
     w = random_weight((64, 64), seed=3)
-    back = lora.dequantize_nf4(lora.quantize_nf4(w))
+    back = nf4.dequantize_nf4(nf4.quantize_nf4(w))
     absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
-    widest_gap = (lora.NF4_CODE[1:] - lora.NF4_CODE[:-1]).max()
+    widest_gap = (nf4.NF4_CODE[1:] - nf4.NF4_CODE[:-1]).max()
     # + 1%: the absmax itself is stored in 8 bits
     assert ((back - w).view(-1, 64).abs() <= absmax * (widest_gap / 2 + 0.01)).all()
 
@@ -112,21 +113,21 @@ def test_nan_weight_is_rejected_with_its_shape():
     w = torch.zeros(4, 64)
     w[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"\(4, 64\).*NaN"):
-        lora.quantize_nf4(w)
+        nf4.quantize_nf4(w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nf4_linear_input_grad_equals_plain_linear_with_dequantized_weight(dtype):
     torch.manual_seed(0)
     linear = nn.Linear(192, 96, bias=True)
-    nf4 = lora.NF4Linear(linear)
+    layer = nf4.NF4Linear(linear)
     plain = nn.Linear(192, 96).to(dtype)
     with torch.no_grad():
-        plain.weight.copy_(lora.dequantize_nf4(nf4.nf4, dtype))
+        plain.weight.copy_(nf4.dequantize_nf4(layer.nf4, dtype))
         plain.bias.copy_(linear.bias)
     x = torch.randn(3, 5, 192, dtype=dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = nf4(x1), plain(x2)
+    y1, y2 = layer(x1), plain(x2)
     assert y1.dtype == dtype
     # bias added after the matmul here, inside it (addmm) there: one rounding apart in bf16
     torch.testing.assert_close(y1, y2, rtol=0, atol=0 if dtype == torch.float32 else 2e-2)
@@ -138,8 +139,8 @@ def test_nf4_linear_input_grad_equals_plain_linear_with_dequantized_weight(dtype
 
 def test_nf4_backward_saves_no_full_size_float_weight():
     torch.manual_seed(0)
-    nf4 = lora.NF4Linear(nn.Linear(576, 576, bias=False))
-    lora_layer = lora.LoRALinear(nf4, rank=8, alpha=16)
+    layer = nf4.NF4Linear(nn.Linear(576, 576, bias=False))
+    lora_layer = lora.LoRALinear(layer, rank=8, alpha=16)
     saved = []
 
     def pack(t):
@@ -157,19 +158,19 @@ def test_nf4_backward_saves_no_full_size_float_weight():
 
 def test_nf4_base_weight_gets_no_gradient():
     torch.manual_seed(0)
-    nf4 = lora.NF4Linear(nn.Linear(64, 32, bias=True))
-    assert [n for n, p in nf4.named_parameters() if p.requires_grad] == []
+    layer = nf4.NF4Linear(nn.Linear(64, 32, bias=True))
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == []
     x = torch.randn(4, 64, requires_grad=True)
-    nf4(x).sum().backward()
-    assert x.grad is not None and nf4.bias.grad is None
-    assert not nf4.nf4.packed.requires_grad and nf4.nf4.packed.grad is None
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.bias.grad is None
+    assert not layer.nf4.packed.requires_grad and layer.nf4.packed.grad is None
 
 
 def test_nf4_linear_computes_in_bf16_under_autocast():
     torch.manual_seed(0)
-    nf4 = lora.NF4Linear(nn.Linear(64, 32, bias=False))
+    layer = nf4.NF4Linear(nn.Linear(64, 32, bias=False))
     x = torch.randn(4, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = nf4(x)
-    expected = x.bfloat16() @ lora.dequantize_nf4(nf4.nf4, torch.bfloat16).t()
+        y = layer(x)
+    expected = x.bfloat16() @ nf4.dequantize_nf4(layer.nf4, torch.bfloat16).t()
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)

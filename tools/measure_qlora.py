@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
+import nf4  # noqa: E402
 import model as model_lib  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def main():
 
     qlora_model = lora.prepare_model(model_lib.load_model(args.model, torch.bfloat16), "qlora",
                                      lora_rank=args.rank, lora_alpha=2 * args.rank)
-    nf4 = [m.nf4 for m in qlora_model.modules() if isinstance(m, lora.NF4Linear)]
+    nf4 = [m.nf4 for m in qlora_model.modules() if isinstance(m, nf4.NF4Linear)]
     numel = sum(s.shape.numel() for s in nf4)
     nbytes = sum(s.nbytes for s in nf4)
     print(f"{len(nf4)} linears, {numel:,} weights: bf16 {2 * numel / 2**20:.1f} MiB, "
