@@ -27,10 +27,12 @@ the folder given with --model. Each is measured on held-out data only:
 
 The report (markdown, with a table of test prompts and both models' answers) goes to the run folder:
 --out, else the adapter's or model's parent folder, else the config's out_dir.
+--base_cache DIR reuses the base model's metrics from an earlier run with identical settings.
 --limit N uses the first N examples of each set. With --json the last line printed is one JSON
 object: the fine-tuned model's metrics (the base's when there is none), forgetting_ppl_base and
 forgetting_ppl_tuned, and every metric of both models under "base" and "tuned".
 """
+import hashlib
 import json
 import math
 import os
@@ -316,6 +318,35 @@ def read_sets(cfg, flags):
     return sets
 
 
+def evaluate_base(model, tokenizer, cfg, sets, flags):
+    """evaluate() of the base model, or, with --base_cache DIR, its metrics and answers from an
+    earlier evaluation with the same settings: the base model does not change between fine-tunes,
+    so comparing several of them needs its numbers once. The cache key is everything the numbers
+    depend on: the model's files, template, dtype, sequence length, evaluation sets and flags."""
+    if not flags["base_cache"]:
+        return evaluate(model, tokenizer, cfg, sets, flags, "base")
+    weights = sorted(f for f in os.listdir(cfg.model) if f.endswith((".safetensors", ".json")))
+    key = json.dumps(dict(
+        model=[(f, os.path.getsize(os.path.join(cfg.model, f)), os.path.getmtime(os.path.join(cfg.model, f)))
+               for f in weights],
+        config={k: getattr(cfg, k) for k in ("template", "train_on", "dtype", "seq_len", "val_data",
+                                             "train_data", "val_fraction", "data_format", "seed")},
+        flags={k: flags[k] for k in ("test_data", "limit", "mc_data", "general_text", "max_new_tokens")},
+        sets=[sets["test"], sets["mc"], sets["general"]]), sort_keys=True, default=str)
+    path = os.path.join(flags["base_cache"], "base_" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if os.path.exists(path):
+        print(f"[base] metrics and answers from {path}", file=sys.stderr)
+        with open(path) as f:
+            saved = json.load(f)
+        return saved["metrics"], saved["answers"]
+    metrics, answers = evaluate(model, tokenizer, cfg, sets, flags, "base")
+    os.makedirs(flags["base_cache"], exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(metrics=metrics, answers=answers), f)
+    os.replace(path + ".tmp", path)
+    return metrics, answers
+
+
 METRIC_ROWS = [  # (key, label, format, better)
     ("val_loss", "validation loss (nats/token)", "{:.4f}", "lower"),
     ("val_ppl", "validation perplexity", "{:.3f}", "lower"),
@@ -403,7 +434,8 @@ def main(argv=None):
     cfg, flags = parse_cli(argv, {
         "adapter": "", "model": "", "test_data": "", "limit": 0, "json": False, "out": "", "show": 10,
         "mc_data": os.path.join(ROOT, "data", "eval", "mc.jsonl"), "max_new_tokens": 0,
-        "general_text": os.path.join(ROOT, "data", "eval", "general.txt"), "eval_batch_size": 16})
+        "general_text": os.path.join(ROOT, "data", "eval", "general.txt"), "eval_batch_size": 16,
+        "base_cache": ""})
     if flags["adapter"] and flags["model"]:
         raise ConfigError("give --adapter (LoRA on the config's model) or --model (a model folder), not both")
     device, dtype = device_and_dtype(cfg)
@@ -412,7 +444,7 @@ def main(argv=None):
         sets = read_sets(cfg, flags)
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, dtype=dtype, device=device)
-        base, base_answers = evaluate(model, tokenizer, cfg, sets, flags, "base")
+        base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
         tuned, tuned_answers, tuned_name = None, [], flags["adapter"] or flags["model"]
         if flags["adapter"]:  # the same base weights with the LoRA layers added in place
             lora.load_adapter(model, flags["adapter"])

@@ -255,6 +255,26 @@ def test_eval_compares_base_and_adapter_and_prints_json_last(tiny_smollm_dir, tm
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["exact_match"] == metrics["exact_match"]
 
 
+def test_base_cache_reuses_the_base_metrics_only_for_identical_settings(tiny_smollm_dir, tmp_path):
+    config = tmp_path / "tiny.py"
+    config.write_text(f"model = {tiny_smollm_dir!r}\nval_data = 'data/demo/val.jsonl'\n"
+                      f"test_data = 'data/demo/test.jsonl'\ndtype = 'float32'\n")
+
+    def base_eval(*extra):
+        result = subprocess.run([sys.executable, "eval.py", "--config", str(config), "--max_new_tokens", "8",
+                                 "--base_cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                                 "--json", *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])["base"], "metrics and answers from" in result.stderr
+
+    first, reused = base_eval("--limit", "2")
+    assert not reused and len(os.listdir(tmp_path / "cache")) == 1
+    again, reused = base_eval("--limit", "2")
+    assert reused and again == first
+    other, reused = base_eval("--limit", "3")  # other settings: evaluated afresh, cached apart
+    assert not reused and len(os.listdir(tmp_path / "cache")) == 2
+
+
 def test_eval_refuses_adapter_and_model_together(tmp_path):
     result = subprocess.run([sys.executable, "eval.py", "--adapter", "a", "--model", "b"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
