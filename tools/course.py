@@ -432,7 +432,8 @@ def lesson_8(c):
     """Overfitting, validation loss, early stopping (and NEFTune noise as a regularizer)."""
     cfg = "configs/course/08_overfit.py"
     over = c.train("08_overfit", config=cfg)
-    early = c.train("08_early", "--early_stopping_patience=3", config=cfg)
+    # twice the steps, stopped by patience: constant lr, so its first 80 steps are 08_overfit's
+    early = c.train("08_early", "--early_stopping_patience=2", "--max_steps=160", config=cfg)
     neft = c.train("08_neftune", "--neftune_alpha=5", config=cfg)
     evals = [("08_overfit", "best/ (lowest val loss)", "best", "eval_best"),
              ("08_overfit", "adapter/ (the last step)", None, "eval"),
@@ -447,7 +448,8 @@ def lesson_8(c):
         rows.append([label, step, num(dict(r["val_curve"]).get(step)), num(dict(r["train_curve"]).get(step)),
                      pct(e["tuned"]["exact_match"]), pct(e["tuned"]["field_accuracy"])])
     stop = [[label, r["steps"], num(r["best_val_loss"]), num(r["best_step"], "d"), num(r["minutes"], ".1f")]
-            for label, r in [("patience 0 (run to the end)", over), ("early_stopping_patience 3", early)]]
+            for label, r in [("max_steps 80, patience 0 (run to the end)", over),
+                             ("max_steps 160, early_stopping_patience 2", early)]]
     body = ["## 32 training examples, 10 epochs, validated once an epoch", "",
             table(["weights", "step", "val loss", "train loss", "exact match", "field accuracy"], rows), "",
             "## Early stopping", "",
