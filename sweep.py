@@ -159,9 +159,10 @@ def run_train(config, overrides, out_dir, log=print):
 
 
 def read_jsonl(path):
+    """The records of a JSONL file ([] when there is none yet)."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

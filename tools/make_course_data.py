@@ -20,18 +20,15 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from make_demo_data import FIELDS, PRODUCTS, answer_text  # noqa: E402
+from sweep import read_jsonl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = ("billing", "shipping", "technical", "account", "returns")
 CHOICES = {"category": CATEGORIES, "urgency": ("high", "medium", "low"),
            "sentiment": ("negative", "neutral", "positive")}
 NOISY_SHARE = 0.5
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def label_noise(answer, rng):
