@@ -27,6 +27,8 @@ backward. This is the trick of Liger Kernel's fused linear cross-entropy (Hsu et
 """
 import torch
 
+import ops
+
 IGNORE = -100
 
 
@@ -44,6 +46,9 @@ def chunked_linear_loss(h, weight, chunk_size, chunk_loss, want_grad_h, want_gra
     mm_dtype = h.dtype if h.dtype in (torch.bfloat16, torch.float16) else dtype
     with torch.autocast(h.device.type, enabled=False):
         w = weight.to(mm_dtype)                                                # (V, C)
+        if mm_dtype == torch.bfloat16 and ops.bf16_gemm_is_slow(h.device):
+            # bf16 values, fp32 kernel: faster on such a CPU (see ops.py); W is cast once, not per chunk
+            mm_dtype, w = dtype, w.to(dtype)
         total = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if want_grad_h else None
         grad_w = torch.zeros(w.shape, dtype=dtype, device=h.device) if want_grad_w else None

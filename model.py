@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import rms_norm, swiglu
+from ops import Linear, attention, rms_norm, swiglu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -194,10 +194,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=cfg.o_bias)
+        self.q_proj = Linear(C, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, C, bias=cfg.o_bias)
         if cfg.qk_norm:  # qwen3: normalise each head's q and k before the rotation
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -214,10 +214,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                          # (B, Hkv, S, d)
         # Grouped-query attention (Ainslie et al. 2023): each k/v head serves H/Hkv query heads.
-        # softmax(q k^T / sqrt(d) + mask) v, by PyTorch's fused kernel; no mask = causal.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           is_causal=attn_mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        # softmax(q k^T / sqrt(d) + mask) v by a fused kernel (ops.attention); no mask = causal.
+        y = attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                      enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -227,9 +226,9 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C, H = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(C, H, bias=cfg.mlp_bias)
+        self.up_proj = Linear(C, H, bias=cfg.mlp_bias)
+        self.down_proj = Linear(H, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
@@ -275,6 +274,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)                           # (B, T, C)
         inv_freq = self.inv_freq.to(input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids)            # (B, 1, T, d) each
+        # cast once to the dtype q and k will have, not in every layer (each cast is kept for backward)
+        device = input_ids.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        cos, sin = cos.to(dtype), sin.to(dtype)
         for i, block in enumerate(self.layers):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ops import gemm
+
 # ---------------------------------------------------------------------------------------------
 # NF4: 4-bit NormalFloat, stored exactly as bitsandbytes stores it (tests compare byte for byte)
 
@@ -151,13 +153,13 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, state):
         ctx.state = state
-        return F.linear(x, dequantize_nf4(state, x.dtype))
+        return gemm(x, dequantize_nf4(state).t(), x.dtype)          # (..., out); gemm: see ops.py
 
     @staticmethod
     def backward(ctx, grad_y):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_y @ dequantize_nf4(ctx.state, grad_y.dtype), None
+        return gemm(grad_y, dequantize_nf4(ctx.state), grad_y.dtype), None
 
 
 class NF4Linear(nn.Module):

@@ -1,4 +1,6 @@
-"""Two layers of the transformer with their backward pass written by hand, to save memory.
+"""Three layers of the transformer with their backward pass written by hand.
+
+RMSNorm and SwiGLU: to save memory.
 
 Autograd keeps, for the backward pass, every intermediate tensor an operation needs. For the
 two elementwise layers below that is more than necessary, and on a small model the kept
@@ -9,8 +11,11 @@ gradient formula needs and recompute the rest.
 
 Both compute exactly what the plain formulas in their docstrings compute (tests/test_ops.py
 checks values and gradients against plain autograd).
+
+Linear and attention, in bf16: to run at the speed of the hardware (see bf16_gemm_is_slow).
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -78,3 +83,125 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(gate, up):
     return SwiGLUFunction.apply(gate, up)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers in bf16 on CPUs whose bf16 matrix product is slower than their fp32 one
+
+
+def bf16_gemm_is_slow(device):
+    """True on a CPU without AMX (Intel's matrix tiles, Sapphire Rapids and later).
+
+    There, oneDNN's bf16 GEMM uses AVX-512 BF16 dot products, which do no more multiply-adds per
+    cycle than fp32 FMAs and pay for conversions: measured on this repository's 2-core VM
+    (`python bench.py` prints it), a 2048^3 bf16 matmul runs at ~165 GFLOP/s, fp32 at ~270-320.
+    With AMX (or on a GPU) bf16 is several times faster than fp32, and the native kernel is kept.
+    """
+    return device.type == "cpu" and not torch.cpu._is_amx_tile_supported()
+
+
+def gemm(a, b, dtype):
+    """a @ b as a GEMM in `dtype` computes it: operands rounded to `dtype`, result in `dtype`.
+
+    For bf16 where the bf16 kernel is slow, the operands go to fp32 and the fp32 kernel runs: a
+    product of two bf16 numbers (8-bit significands) is exact in fp32 (24 bits), and a bf16 GEMM
+    accumulates in fp32 as well, so the result is the bf16 GEMM's up to the order of the sums.
+    """
+    a, b = a.to(dtype), b.to(dtype)
+    if dtype == torch.bfloat16 and bf16_gemm_is_slow(a.device):
+        return (a.float() @ b.float()).to(dtype)
+    return a @ b
+
+
+class BF16LinearFunction(torch.autograd.Function):
+    """y = x W^T + b computed as a bf16 GEMM (what autocast computes), through gemm() above.
+
+    Backward, with g = dL/dy flattened to (N, out) and x to (N, in):
+        dL/dx = g W        dL/dW = g^T x        dL/db = sum over rows of g
+    Kept: x in bf16 only if W trains (full fine-tuning), W only if x needs a gradient; a frozen
+    W (LoRA's base) keeps no activation at all, as with autograd's own linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        bf16 = torch.bfloat16
+        with torch.autocast(x.device.type, enabled=False):  # else autocast would redo the casts
+            y = gemm(x, weight.t(), bf16)                                         # (..., out)
+            if bias is not None:
+                y = y + bias.to(bf16)
+        ctx.save_for_backward(x.to(bf16) if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None)
+        ctx.dtypes = x.dtype, weight.dtype, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = gemm(g, weight, torch.bfloat16).to(x_dtype)         # (..., in)
+            g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
+            if ctx.needs_input_grad[1]:
+                grad_w = gemm(g2.t(), x.reshape(-1, x.shape[-1]), torch.bfloat16).to(w_dtype)  # (out, in)
+            if ctx.needs_input_grad[2]:
+                grad_b = g2.float().sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x, weight, bias=None):
+    """F.linear, except a bf16 product on a CPU with a slow bf16 GEMM (see bf16_gemm_is_slow)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if dtype == torch.bfloat16 and bf16_gemm_is_slow(x.device):
+        return BF16LinearFunction.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict names) whose product goes through linear()."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+class BF16AttentionFunction(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) v for bf16 q, k, v, computed by PyTorch's fp32 fused kernel.
+
+    On a CPU with a slow bf16 GEMM (see bf16_gemm_is_slow) the fused attention kernel is slow in
+    bf16 too: measured at (B, H, T, d) = (4, 9, 256, 64), forward + backward takes 23.5 ms in bf16
+    and 10.9 ms in fp32. The fp32 kernel would keep fp32 copies of q, k, v and the output for
+    backward, so instead forward keeps only the bf16 q, k, v, and backward recomputes the forward
+    in fp32 and differentiates it (recomputing attention rather than storing it is FlashAttention's
+    trick, Dao et al. 2022); the extra forward costs ~2.7 ms of the 12.6 ms saved.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, enable_gqa):
+        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.flags = is_causal, enable_gqa
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                           is_causal=is_causal, enable_gqa=enable_gqa)
+        return y.to(q.dtype)                                                    # (B, H, T, d)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, attn_mask = ctx.saved_tensors
+        is_causal, enable_gqa = ctx.flags
+        with torch.enable_grad():
+            qkv = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            y = F.scaled_dot_product_attention(*qkv, attn_mask=attn_mask, is_causal=is_causal,
+                                               enable_gqa=enable_gqa)
+            grads = torch.autograd.grad(y, qkv, g.float())
+        grads = [grad.to(t.dtype) if need else None
+                 for grad, t, need in zip(grads, (q, k, v), ctx.needs_input_grad)]
+        return *grads, None, None, None
+
+
+def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+    """F.scaled_dot_product_attention, except bf16 on a CPU with a slow bf16 GEMM (see above)."""
+    if q.dtype == torch.bfloat16 and bf16_gemm_is_slow(q.device):
+        return BF16AttentionFunction.apply(q, k, v, attn_mask, is_causal, enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=enable_gqa)

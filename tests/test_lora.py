@@ -160,7 +160,7 @@ def test_targets_by_name_wrap_only_those_linears(tiny):
     lora.apply_lora(tiny, rank=4, alpha=8, targets="q_proj,v_proj")
     expected = [f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
     assert sorted(lora.lora_layers(tiny)) == expected
-    assert type(tiny.layers[0].mlp.up_proj) is nn.Linear
+    assert not isinstance(tiny.layers[0].mlp.up_proj, lora.LoRALinear)
 
 
 def test_unknown_target_is_an_error_naming_it(tiny):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import data
 import loss
 import model as model_lib
+import ops
 from conftest import ROOT, save_tiny_model
 
 
@@ -87,15 +88,20 @@ def test_frozen_output_weight_gets_no_gradient_and_hidden_gradient_is_unchanged(
     assert torch.allclose(hidden.grad, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_bf16_hidden_states_give_bf16_matmuls_and_an_fp32_loss():
-    """Under autocast the logits come from a bf16 matmul (as the lm_head would run there);
-    softmax and the loss are fp32, so the result is PyTorch's cross-entropy on those logits."""
+@pytest.mark.parametrize("slow_bf16_gemm", [False, True])
+def test_bf16_hidden_states_give_logits_from_bf16_values_and_an_fp32_loss(monkeypatch, slow_bf16_gemm):
+    """Under autocast the logits are products of bf16 values, as the lm_head would compute them
+    there: a bf16 matmul (logits rounded to bf16), or, where that kernel is slower than fp32's
+    (ops.bf16_gemm_is_slow), the fp32 kernel on the same values (logits not rounded). Softmax and
+    the loss are fp32, so the result is PyTorch's cross-entropy on those logits."""
+    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: slow_bf16_gemm)
     hidden, weight, targets = random_problem(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h16 = hidden.to(torch.bfloat16)
         value = loss.masked_cross_entropy(h16, weight, targets)
     assert value.dtype == torch.float32
-    logits = (h16 @ weight.to(torch.bfloat16).t()).float()
+    w16 = weight.to(torch.bfloat16)
+    logits = h16.float() @ w16.float().t() if slow_bf16_gemm else (h16 @ w16.t()).float()
     reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                 reduction="sum", ignore_index=-100)
     assert value.item() == pytest.approx(reference.item(), rel=1e-5)
