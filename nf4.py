@@ -153,13 +153,13 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, state):
         ctx.state = state
-        return gemm(x, dequantize_nf4(state).t(), x.dtype)          # (..., out); gemm: see ops.py
+        return gemm(x, dequantize_nf4(state, x.dtype).t(), x.dtype)   # (..., out); gemm: see ops.py
 
     @staticmethod
     def backward(ctx, grad_y):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return gemm(grad_y, dequantize_nf4(ctx.state), grad_y.dtype), None
+        return gemm(grad_y, dequantize_nf4(ctx.state, grad_y.dtype), grad_y.dtype), None
 
 
 class NF4Linear(nn.Module):

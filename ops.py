@@ -109,7 +109,8 @@ def gemm(a, b, dtype):
     """
     a, b = a.to(dtype), b.to(dtype)
     if dtype == torch.bfloat16 and bf16_gemm_is_slow(a.device):
-        return (a.float() @ b.float()).to(dtype)
+        with torch.autocast(a.device.type, enabled=False):  # else autocast would make it bf16 again
+            return (a.float() @ b.float()).to(dtype)
     return a @ b
 
 
@@ -124,12 +125,10 @@ class BF16LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        bf16 = torch.bfloat16
-        with torch.autocast(x.device.type, enabled=False):  # else autocast would redo the casts
-            y = gemm(x, weight.t(), bf16)                                         # (..., out)
-            if bias is not None:
-                y = y + bias.to(bf16)
-        ctx.save_for_backward(x.to(bf16) if ctx.needs_input_grad[1] else None,
+        y = gemm(x, weight.t(), torch.bfloat16)                                   # (..., out)
+        if bias is not None:
+            y = y + bias.to(torch.bfloat16)
+        ctx.save_for_backward(x.to(torch.bfloat16) if ctx.needs_input_grad[1] else None,
                               weight if ctx.needs_input_grad[0] else None)
         ctx.dtypes = x.dtype, weight.dtype, None if bias is None else bias.dtype
         return y
@@ -139,14 +138,13 @@ class BF16LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_x = grad_w = grad_b = None
-        with torch.autocast(g.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_x = gemm(g, weight, torch.bfloat16).to(x_dtype)         # (..., in)
-            g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
-            if ctx.needs_input_grad[1]:
-                grad_w = gemm(g2.t(), x.reshape(-1, x.shape[-1]), torch.bfloat16).to(w_dtype)  # (out, in)
-            if ctx.needs_input_grad[2]:
-                grad_b = g2.float().sum(0).to(b_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = gemm(g, weight, torch.bfloat16).to(x_dtype)                 # (..., in)
+        g2 = g.reshape(-1, g.shape[-1])                                           # (N, out)
+        if ctx.needs_input_grad[1]:
+            grad_w = gemm(g2.t(), x.reshape(-1, x.shape[-1]), torch.bfloat16).to(w_dtype)  # (out, in)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.float().sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b
 
 

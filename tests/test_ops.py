@@ -57,6 +57,8 @@ import ops  # noqa: E402
 from model import load_model  # noqa: E402
 from loss import masked_cross_entropy  # noqa: E402
 import lora  # noqa: E402
+from nf4 import NF4Linear  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 BF16_TOL = dict(rtol=2 ** -7, atol=1e-2)  # one bf16 rounding of the result
 
@@ -163,3 +165,29 @@ def test_a_bf16_lora_step_gives_the_same_loss_and_gradients_on_either_kernel(tin
     assert loss_fp32_kernel == pytest.approx(loss_native, rel=1e-2)
     for name, grad in grads_native.items():
         torch.testing.assert_close(grads_fp32_kernel[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every matrix product that reaches a kernel (after autocast's casts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.dtypes.append(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layer", ["linear", "nf4"])
+def test_under_autocast_the_bf16_products_reach_the_fp32_kernel_where_bf16_is_slow(monkeypatch, layer):
+    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: True)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(32, 64)
+    module = NF4Linear(torch.nn.Linear(64, 32, bias=False)) if layer == "nf4" else None
+    with MatmulDtypes() as record:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x) if module is not None else ops.linear(x, w.bfloat16())
+        y.sum().backward()
+    assert record.dtypes and set(record.dtypes) == {torch.float32}
