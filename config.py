@@ -245,7 +245,8 @@ def resolve_hardware(cfg, log=print):
     CPU, whichever dtype multiplies matrices faster here, timed on the spot (a 1024^3 matmul,
     a few ms). CPUs differ a lot: with AMX or fast AVX512-BF16 units bf16 is about twice fp32,
     on others (e.g. this project's 2-core development VM: 174 vs 352 GFLOP/s) it is half, and
-    without any bf16 instructions it is emulated.
+    without any bf16 instructions it is emulated. (Where it is half, bf16 training runs its
+    products on the fp32 kernels anyway, see ops.bf16_gemm_is_slow; fp32 still saves the casts.)
     """
     import time
     import torch

@@ -41,8 +41,8 @@ def chunked_linear_loss(h, weight, chunk_size, chunk_loss, want_grad_h, want_gra
     chunk_loss returns (loss sum, d loss / d logits); the gradients w.r.t. h (N, C) and W (V, C) are
     accumulated chunk by chunk when asked for. Runs with autocast off, in fp32 (fp64 for fp64 inputs)."""
     dtype = compute_dtype(h)
-    # The matmuls run in bf16 when the hidden states arrive in bf16 (autocast training: what the
-    # lm_head would do there, at twice fp32's speed); softmax, loss and gradients stay in fp32.
+    # The matmuls take bf16 values when the hidden states arrive in bf16 (autocast training: what
+    # the lm_head would do there, at twice fp32's speed on a GPU); softmax, loss and gradients stay fp32.
     mm_dtype = h.dtype if h.dtype in (torch.bfloat16, torch.float16) else dtype
     with torch.autocast(h.device.type, enabled=False):
         w = weight.to(mm_dtype)                                                # (V, C)
