@@ -94,9 +94,10 @@ def bf16_gemm_is_slow(device):
 
     There, oneDNN's bf16 GEMM uses AVX-512 BF16 dot products, which do no more multiply-adds per
     cycle than fp32 FMAs and pay for conversions: measured on this repository's 2-core VM
-    (`python bench.py` prints it), a 2048^3 bf16 matmul runs at ~165 GFLOP/s, fp32 at ~270-320.
+    (`python bench.py` prints it), a 2048^3 bf16 matmul runs at 165-185 GFLOP/s, fp32 at 270-360.
     With AMX (or on a GPU) bf16 is several times faster than fp32, and the native kernel is kept.
     """
+    # torch.cpu._is_amx_tile_supported: PyTorch's own CPU-feature check (private; torch 2.13 has it)
     return device.type == "cpu" and not torch.cpu._is_amx_tile_supported()
 
 
