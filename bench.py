@@ -27,6 +27,8 @@ import time
 
 import torch
 
+import ops  # the script's folder is on sys.path
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -215,8 +217,6 @@ def main():
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = json.load(f)
     device = torch.device(args.device)
-    sys.path.insert(0, ROOT)
-    import ops
     peak = matmul_peak_flops(getattr(torch, args.dtype), device)
     tokens = args.batch * args.seq
     ours = run_child("ours", args)

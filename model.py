@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import Linear, attention, rms_norm, swiglu
+from ops import Linear, attention, matmul_dtype, rms_norm, swiglu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -275,9 +275,7 @@ class Transformer(nn.Module):
         inv_freq = self.inv_freq.to(input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids)            # (B, 1, T, d) each
         # cast once to the dtype q and k will have, not in every layer (each cast is kept for backward)
-        device = input_ids.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        cos, sin = cos.to(dtype), sin.to(dtype)
+        cos, sin = cos.to(matmul_dtype(x)), sin.to(matmul_dtype(x))
         for i, block in enumerate(self.layers):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import gemm
+from ops import gemm, matmul_dtype
 
 # ---------------------------------------------------------------------------------------------
 # NF4: 4-bit NormalFloat, stored exactly as bitsandbytes stores it (tests compare byte for byte)
@@ -174,8 +174,7 @@ class NF4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = matmul_dtype(x)
         y = NF4Matmul.apply(x.to(dtype), self.nf4)
         return y if self.bias is None else y + self.bias.to(dtype)
 

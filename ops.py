@@ -1,4 +1,4 @@
-"""Three layers of the transformer with their backward pass written by hand.
+"""Four operations of the transformer with their backward pass written by hand.
 
 RMSNorm and SwiGLU: to save memory.
 
@@ -149,11 +149,15 @@ class BF16LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def matmul_dtype(x):
+    """The dtype a matrix product on x computes in: autocast's when autocast is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def linear(x, weight, bias=None):
     """F.linear, except a bf16 product on a CPU with a slow bf16 GEMM (see bf16_gemm_is_slow)."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    if dtype == torch.bfloat16 and bf16_gemm_is_slow(x.device):
+    if matmul_dtype(x) == torch.bfloat16 and bf16_gemm_is_slow(x.device):
         return BF16LinearFunction.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

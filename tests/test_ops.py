@@ -1,8 +1,15 @@
-"""ops.py: the hand-written backward passes equal plain autograd."""
+"""ops.py: the hand-written backward passes equal plain autograd, and the bf16 products on the
+fp32 kernels equal the native bf16 kernels."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import lora
+import ops
+from loss import masked_cross_entropy
+from model import load_model
+from nf4 import NF4Linear
 from ops import rms_norm, swiglu
 
 
@@ -52,13 +59,6 @@ def test_rms_norm_keeps_no_fp32_copy_of_a_bf16_input():
 
 # ---------------------------------------------------------------------------------------------
 # bf16 linear and attention through the fp32 kernels (CPUs without AMX: see ops.bf16_gemm_is_slow)
-
-import ops  # noqa: E402
-from model import load_model  # noqa: E402
-from loss import masked_cross_entropy  # noqa: E402
-import lora  # noqa: E402
-from nf4 import NF4Linear  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 BF16_TOL = dict(rtol=2 ** -7, atol=1e-2)  # one bf16 rounding of the result
 

@@ -1,0 +1,33 @@
+"""bench.py: the interface issue 7 names (the numbers themselves are measured, not tested)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ops
+from conftest import ROOT
+
+
+def run_bench(model, method, *extra):
+    out = subprocess.run([sys.executable, "bench.py", "--model", model, "--method", method, "--batch", "2",
+                          "--seq", "32", "--steps", "2", "--warmup", "1", "--json", *extra],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_bench_json_last_line_has_speed_memory_and_mfu(tiny_model, method):
+    result = run_bench(tiny_model, method)
+    assert result["method"] == method
+    assert result["tokens_per_s"] > 0 and result["peak_mem_bytes"] > 0 and 0 < result["mfu"]
+    # where our bf16 products run on the fp32 kernel, MFU is also given against that kernel's peak
+    assert ("mfu_of_fp32_peak" in result) == ops.bf16_gemm_is_slow(torch.device("cpu"))
+
+
+def test_bench_compare_hf_measures_both_sides_in_their_own_processes(tiny_model):
+    result = run_bench(tiny_model, "lora", "--compare-hf")
+    assert result["hf_tokens_per_s"] > 0 and result["hf_peak_mem_bytes"] > 0
+    assert result["speedup"] == pytest.approx(result["tokens_per_s"] / result["hf_tokens_per_s"])
+    assert result["memory_ratio"] == pytest.approx(result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
