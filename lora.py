@@ -60,8 +60,9 @@ class LoRALinear(nn.Module):
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast A and B run in bf16 anyway
             h = h.to(self.lora_A.weight.dtype)
-        # scaling applied to the (.., r) intermediate: same result, r instead of out multiplies
-        return y + self.lora_B(self.lora_A(h) * self.scaling).to(y.dtype)
+        # scaling applied to the (.., r) intermediate: same result, r instead of out multiplies;
+        # added into y in place (nothing keeps the base output for backward): one fewer (.., out) tensor
+        return y.add_(self.lora_B(self.lora_A(h) * self.scaling).to(y.dtype))
 
     def delta_weight(self):
         """scaling * B A: (out, in), fp32, what merging adds to W."""

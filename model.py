@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import Linear, attention, matmul_dtype, rms_norm, swiglu
+from ops import Linear, attention, matmul_dtype, recompute_in_backward, rms_norm, swiglu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -166,7 +166,8 @@ def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its angle, in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    # x cos + rotated sin, the sum and one product made in place: two fewer (B, H, T, d) temporaries
+    return (x * cos.to(x.dtype)).add_(rotated.mul_(sin.to(x.dtype)))
 
 
 class KVCache:
@@ -231,7 +232,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(H, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
+        gate, up = self.gate_proj(x), self.up_proj(x)                      # (B, T, I) each
+        h = swiglu(gate, up)                                               # silu(gate) * up
+        with recompute_in_backward(h, swiglu, gate, up):  # down keeps the recipe, not h
+            return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -243,8 +247,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The norm outputs are recomputed from x in backward rather than kept (ops.py explains).
+        h = self.input_layernorm(x)
+        with recompute_in_backward(h, self.input_layernorm, x):
+            x = x + self.self_attn(h, cos, sin, attn_mask, kv_cache, layer)
+        h = self.post_attention_layernorm(x)
+        with recompute_in_backward(h, self.post_attention_layernorm, x):
+            return x + self.mlp(h)
 
 
 class Transformer(nn.Module):

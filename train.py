@@ -218,9 +218,11 @@ def estimate_memory(model, cfg):
     mc = model.config
     act_bytes = 2 if cfg.dtype == "bfloat16" else 4
     tokens = cfg.batch_size * cfg.seq_len
-    # per token and block, backward keeps roughly: the block input and 2 norm outputs (3C),
-    # q, k, v, attention output (2C + 2 kv), the MLP's gate, up, product (3I): about 6C + 3I.
-    per_layer = mc.hidden_size if cfg.grad_checkpointing else 6 * mc.hidden_size + 3 * mc.intermediate_size
+    # per token and block, backward keeps roughly: the block input and the residual after
+    # attention (2C), q, k, v and the attention output (2C + 2 kv), the MLP's gate and up (2I);
+    # the norm outputs and silu(gate) * up are recomputed (ops.recompute_in_backward).
+    kv = mc.num_key_value_heads * mc.head_dim
+    per_layer = mc.hidden_size if cfg.grad_checkpointing else 4 * mc.hidden_size + 2 * kv + 2 * mc.intermediate_size
     activations = tokens * mc.num_hidden_layers * per_layer * act_bytes
     return dict(weights=c["weight_bytes"], gradients=c["trainable"] * 4,
                 optimizer=c["trainable"] * 8, activations=activations)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import loss
@@ -108,6 +109,50 @@ def test_bf16_hidden_states_give_logits_from_bf16_values_and_an_fp32_loss(monkey
     assert value.item() == pytest.approx(full_logits_loss(hidden, weight, targets).item(), rel=1e-2)
     g_h16, = grads(value, h16)
     assert g_h16.dtype == torch.bfloat16
+
+
+def test_slices_of_the_output_weight_give_the_loss_and_gradients_of_one_product(monkeypatch):
+    """Where bf16 products run on the fp32 kernel, W is cast and multiplied a slice of rows at a
+    time (loss.W_SLICE; 7 here, which does not divide V = 50): the result is the same."""
+    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: True)
+    hidden, weight, targets = random_problem(dtype=torch.float32)
+    h16, w16 = hidden.to(torch.bfloat16).detach().requires_grad_(), weight.to(torch.bfloat16)
+    results = []
+    for rows in (10 ** 9, 7):
+        monkeypatch.setattr(loss, "W_SLICE", rows)
+        value = loss.masked_cross_entropy(h16, w16, targets)
+        results.append((value, *grads(value, h16)))
+    (one, g_one), (sliced, g_sliced) = results
+    torch.testing.assert_close(sliced, one, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_sliced, g_one, rtol=1e-2, atol=1e-3)  # one bf16 rounding apart at most
+
+
+def test_sliced_products_never_make_an_fp32_copy_of_the_whole_output_weight(monkeypatch):
+    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: True)
+    monkeypatch.setattr(loss, "W_SLICE", 16)
+    hidden, weight, targets = random_problem(dtype=torch.float32)
+    h16 = hidden.to(torch.bfloat16).detach().requires_grad_()
+    w16 = weight.to(torch.bfloat16).detach()  # frozen, as under LoRA (a trained W gets an fp32 gradient)
+    with TensorSizes() as sizes:
+        loss.masked_cross_entropy(h16, w16, targets).backward()
+    fp32 = [shape for shape, dtype in sizes.outputs if dtype == torch.float32]
+    assert tuple(w16.shape) not in fp32
+    assert (16, w16.shape[1]) in fp32  # the slices
+
+
+class TensorSizes(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((tuple(t.shape), t.dtype))
+        return out
 
 
 def test_target_outside_the_vocabulary_is_a_clear_error():

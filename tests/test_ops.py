@@ -1,8 +1,12 @@
 """ops.py: the hand-written backward passes equal plain autograd, and the bf16 products on the
 fp32 kernels equal the native bf16 kernels."""
+import contextlib
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
@@ -55,6 +59,118 @@ def test_rms_norm_keeps_no_fp32_copy_of_a_bf16_input():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         rms_norm(x, w, 1e-5)
     assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selective recomputation: recompute_in_backward keeps a recipe instead of a cheap layer's output
+
+
+def lora_a_on_norm_output(x, w, a, recompute):
+    """A LoRA A product on a norm's output, the norm's output recomputed in backward or kept."""
+    h = rms_norm(x, w, 1e-5)
+    with ops.recompute_in_backward(h, rms_norm, x, w, 1e-5) if recompute else contextlib.nullcontext():
+        out = F.linear(h, a)  # saves its input (flattened to 2-D) for a's gradient
+    return out, StorageWeakRef(h.untyped_storage())
+
+
+def test_recompute_in_backward_gives_exactly_the_gradients_of_keeping_the_output():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(16, dtype=torch.bfloat16)
+    a = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+    kept = torch.autograd.grad(lora_a_on_norm_output(x, w, a, False)[0], (x, a), g)
+    recomputed = torch.autograd.grad(lora_a_on_norm_output(x, w, a, True)[0], (x, a), g)
+    for got, want in zip(recomputed, kept):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recompute_in_backward_frees_the_output_after_forward(recompute):
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    a = torch.randn(4, 16, requires_grad=True)
+    out, h_storage = lora_a_on_norm_output(x, torch.ones(16), a, recompute)
+    gc.collect()
+    assert h_storage.expired() == recompute  # kept by autograd only without the recipe
+    out.sum().backward()
+    assert a.grad is not None
+
+
+def test_recompute_in_backward_runs_the_recipe_once_for_all_the_operations_that_saved_it():
+    """q, k and v's LoRA A products all save the same norm output: one recomputation serves them."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.ones(16)
+    a_q, a_k, a_v = (torch.randn(4, 16, requires_grad=True) for _ in range(3))
+    calls = []
+
+    def norm(x):
+        calls.append(1)
+        return rms_norm(x, w, 1e-5)
+
+    h = norm(x)
+    with ops.recompute_in_backward(h, norm, x):
+        out = F.linear(h, a_q) + F.linear(h, a_k) + F.linear(h, a_v)
+    calls.clear()
+    out.sum().backward()
+    assert len(calls) == 1
+    torch.testing.assert_close(a_k.grad, a_v.grad)  # the same input reached all three
+
+
+def test_recompute_in_backward_refuses_an_input_changed_in_place():
+    x = torch.randn(2, 5, 16)
+    a = torch.randn(4, 16, requires_grad=True)
+    out, _ = lora_a_on_norm_output(x, torch.ones(16), a, True)
+    x.mul_(2)  # the recipe would now give another value than the forward used
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_recompute_in_backward_leaves_outer_saved_tensor_hooks_in_charge():
+    """Inside activation checkpointing (or any saved-tensor hooks) the outer hooks must see what
+    is saved, so the block steps aside."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    a = torch.randn(4, 16, requires_grad=True)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        out, h_storage = lora_a_on_norm_output(x, torch.ones(16), a, True)
+    assert any(StorageWeakRef(t.untyped_storage()) == h_storage for t in seen)
+
+
+def lora_model_step(model_dir, monkeypatch, recompute):
+    """Loss gradients of a bf16 LoRA step of the tiny model, and whether the norm outputs and the
+    SwiGLU outputs were freed before backward."""
+    import model as model_lib
+    if not recompute:
+        monkeypatch.setattr(model_lib, "recompute_in_backward", lambda *args: contextlib.nullcontext())
+    torch.manual_seed(0)
+    model = load_model(model_dir, dtype=torch.bfloat16)
+    lora.prepare_model(model, "lora", lora_rank=4, lora_alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    storages = []
+    for block in model.layers:
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            norm.register_forward_hook(lambda m, i, out: storages.append(StorageWeakRef(out.untyped_storage())))
+        block.mlp.down_proj.register_forward_pre_hook(
+            lambda m, inputs: storages.append(StorageWeakRef(inputs[0].untyped_storage())))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, dims=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = masked_cross_entropy(model(ids, return_hidden=True), model.lm_head.weight, targets)
+    gc.collect()
+    freed = [s.expired() for s in storages]
+    loss.backward()
+    return freed, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_model_recomputes_norm_and_swiglu_outputs_with_the_same_gradients(tiny_model_dir, monkeypatch):
+    freed, grads = lora_model_step(tiny_model_dir, monkeypatch, recompute=True)
+    freed_kept, grads_kept = lora_model_step(tiny_model_dir, monkeypatch, recompute=False)
+    assert freed and all(freed)       # 3 per block: two norm outputs, one SwiGLU output
+    assert not any(freed_kept)        # without the recipe, LoRA's A products keep them
+    for name, grad in grads_kept.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
