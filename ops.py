@@ -12,6 +12,9 @@ gradient formula needs and recompute the rest.
 Both compute exactly what the plain formulas in their docstrings compute (tests/test_ops.py
 checks values and gradients against plain autograd).
 
+recompute_in_backward: the same idea one level up. The outputs of those two layers are kept by
+the layers that consume them (LoRA's A, ...); model.py has them recomputed in backward instead.
+
 Linear and attention, in bf16: to run at the speed of the hardware (see bf16_gemm_is_slow).
 """
 import contextlib
