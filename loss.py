@@ -48,25 +48,26 @@ def chunked_linear_loss(h, weight, chunk_size, chunk_loss, want_grad_h, want_gra
     # The matmuls take bf16 values when the hidden states arrive in bf16 (autocast training: what
     # the lm_head would do there, at twice fp32's speed on a GPU); softmax, loss and gradients stay fp32.
     mm_dtype = h.dtype if h.dtype in (torch.bfloat16, torch.float16) else dtype
+    w = weight.to(mm_dtype)                                                    # (V, C)
+    # bf16 values on the fp32 kernel where that is faster (ops.py). A whole fp32 copy of W would
+    # cost V*C*4 bytes (113 MiB for SmolLM2), so there W is cast and multiplied a slice at a time.
     slow = mm_dtype == torch.bfloat16 and ops.bf16_gemm_is_slow(h.device)
+    slices = [slice(v, v + W_SLICE) for v in range(0, len(w), W_SLICE)]
 
     def times_w_t(hc):                                                         # (n, C) -> (n, V) logits
         if not slow:
             return (hc @ w.t()).to(dtype)
-        # bf16 values on the fp32 kernel where that is faster (ops.py). A whole fp32 copy of W would
-        # cost V*C*4 bytes (113 MiB for SmolLM2), so W is cast and multiplied a slice at a time.
         logits, hf = torch.empty(len(hc), len(w), dtype=dtype, device=h.device), hc.to(dtype)
-        for v in range(0, len(w), W_SLICE):
-            logits[:, v:v + W_SLICE] = hf @ w[v:v + W_SLICE].to(dtype).t()
+        for s in slices:
+            logits[:, s] = hf @ w[s].to(dtype).t()
         return logits
 
     def times_w(d):                                                            # (n, V) -> (n, C)
         if not slow:
             return d.to(mm_dtype) @ w
-        return sum(d[:, v:v + W_SLICE] @ w[v:v + W_SLICE].to(dtype) for v in range(0, len(w), W_SLICE))
+        return sum(d[:, s] @ w[s].to(dtype) for s in slices)
 
     with torch.autocast(h.device.type, enabled=False):
-        w = weight.to(mm_dtype)                                                # (V, C)
         total = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if want_grad_h else None
         grad_w = torch.zeros(w.shape, dtype=dtype, device=h.device) if want_grad_w else None

@@ -123,12 +123,15 @@ def recompute_in_backward(output, fn, *inputs):
         return
     outer_pack = outer[0] if nested else (lambda t: t)
     storage = output.untyped_storage().data_ptr()
-    versions = [t._version for t in inputs if isinstance(t, torch.Tensor)]
 
+    def versions():  # a tensor's version is bumped by every in-place change
+        return [t._version for t in inputs if isinstance(t, torch.Tensor)]
+
+    versions_at_forward = versions()
     uses, value = [0], []  # saved uses not yet unpacked; the recomputed value while they last
 
     def recompute():  # once for all the operations that saved it (q, k and v share a norm output)
-        if versions != [t._version for t in inputs if isinstance(t, torch.Tensor)]:
+        if versions() != versions_at_forward:
             raise RuntimeError("recompute_in_backward: an input was modified in place before backward")
         if not value:
             with torch.no_grad():

@@ -136,18 +136,24 @@ def test_recompute_in_backward_leaves_outer_saved_tensor_hooks_in_charge():
     assert any(StorageWeakRef(t.untyped_storage()) == h_storage for t in seen)
 
 
-def lora_model_step(model_dir, monkeypatch, recompute):
-    """Loss gradients of a bf16 LoRA step of the tiny model, and whether the norm outputs and the
-    SwiGLU outputs were freed before backward."""
-    import model as model_lib
-    if not recompute:
-        monkeypatch.setattr(model_lib, "recompute_in_backward", lambda *args: contextlib.nullcontext())
+def tiny_bf16_lora_model(model_dir):
+    """The tiny model in bf16 with LoRA r=4 on all linears, B made nonzero so every A gets a gradient."""
     torch.manual_seed(0)
     model = load_model(model_dir, dtype=torch.bfloat16)
     lora.prepare_model(model, "lora", lora_rank=4, lora_alpha=8)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def lora_model_step(model_dir, monkeypatch, recompute):
+    """Loss gradients of a bf16 LoRA step of the tiny model, and whether the norm outputs and the
+    SwiGLU outputs were freed before backward."""
+    import model as model_lib
+    if not recompute:
+        monkeypatch.setattr(model_lib, "recompute_in_backward", lambda *args: contextlib.nullcontext())
+    model = tiny_bf16_lora_model(model_dir)
     storages = []
     for block in model.layers:
         for norm in (block.input_layernorm, block.post_attention_layernorm):
@@ -258,12 +264,7 @@ def test_bf16_attention_keeps_only_the_bf16_q_k_v_for_backward():
 
 
 def lora_loss_and_grads(model_dir):
-    torch.manual_seed(0)
-    model = load_model(model_dir, dtype=torch.bfloat16)
-    lora.prepare_model(model, "lora", lora_rank=4, lora_alpha=8)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    model = tiny_bf16_lora_model(model_dir)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     targets = ids.roll(-1, dims=1)
     targets[:, :12] = -100
