@@ -251,8 +251,9 @@ class BF16AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_mask, is_causal, enable_gqa):
         ctx.save_for_backward(q, k, v, attn_mask)
         ctx.flags = is_causal, enable_gqa
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                           is_causal=is_causal, enable_gqa=enable_gqa)
+        with torch.autocast(q.device.type, enabled=False):  # else autocast casts q, k, v to bf16 again
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                               is_causal=is_causal, enable_gqa=enable_gqa)
         return y.to(q.dtype)                                                    # (B, H, T, d)
 
     @staticmethod

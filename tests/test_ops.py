@@ -255,6 +255,16 @@ def test_bf16_attention_on_the_fp32_kernel_equals_the_native_bf16_attention(mask
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_attention_under_autocast_is_the_fp32_attention_rounded_once():
+    # autocast would cast the fp32 copies of q, k, v back to bf16 (SDPA is on its bf16 list)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16, dtype=torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ops.BF16AttentionFunction.apply(q, k, v, None, True, False)
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert torch.equal(ours, fp32.to(torch.bfloat16))
+
+
 def test_bf16_attention_keeps_only_the_bf16_q_k_v_for_backward():
     q, k, v = (torch.randn(1, 2, 32, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     saved = []
