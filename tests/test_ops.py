@@ -290,8 +290,11 @@ def test_a_bf16_lora_step_gives_the_same_loss_and_gradients_on_either_kernel(tin
     monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: False)
     loss_native, grads_native = lora_loss_and_grads(tiny_model_dir)
     assert loss_fp32_kernel == pytest.approx(loss_native, rel=1e-2)
+    # the two round to bf16 in different places (the attention's output, for one): compare each
+    # gradient as a whole, |a - b| / |b| (bf16 noise here: ~1%; a wrong formula: ~100%)
     for name, grad in grads_native.items():
-        torch.testing.assert_close(grads_fp32_kernel[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+        error = (grads_fp32_kernel[name].float() - grad.float()).norm() / grad.float().norm()
+        assert error < 0.03, name
 
 
 class MatmulDtypes(TorchDispatchMode):
