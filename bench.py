@@ -6,8 +6,11 @@ Both sides train on the same random tokens (labels -100 on the first half of eac
 the tokens are trained), LoRA r=16 alpha=32 on all linear layers of the blocks, AdamW, bf16
 compute (frozen weights in bf16, trainable ones in fp32, autocast). Each side runs in its own
 child process so that each one's peak memory is its own: peak RSS on CPU, max_memory_allocated
-on CUDA. A step = forward + loss + backward + optimizer step; we time `--steps` steps after
-`--warmup` steps and report the median.
+on CUDA. A step = forward + loss + backward + optimizer step; each side runs `--warmup` steps,
+then we time `--steps` steps of each and report the medians. The two sides' timed steps
+alternate (ours, theirs, ours, ...; only one runs at a time), so that a slow spell of a shared
+machine slows both alike and the ratio holds (run one after the other, single runs' ratios
+varied by 15% here).
 
 FLOPs per step are counted from the shapes (a matmul of (m, k) by (k, n) is 2mkn):
   forward    2 * tokens * (parameters of the block linears) + attention + the head on trained tokens
@@ -23,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -85,19 +89,6 @@ def peak_memory(device):
         return torch.cuda.max_memory_allocated(device)
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def time_steps(step, steps, warmup, device):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,23 +166,65 @@ def run_hf(args, device):
 
 
 def child(args):
+    """One side: build, warm up, then time one step each time the parent writes "step"."""
     device = torch.device(args.device)
     step, n_trained = (run_ours if args.child == "ours" else run_hf)(args, device)
-    median, times = time_steps(step, args.steps, args.warmup, device)
-    print(json.dumps(dict(median_s=median, times=times, n_trained=n_trained,
-                          peak_mem_bytes=peak_memory(device))))
+    for _ in range(args.warmup):
+        step()
+    print("BENCH", json.dumps(dict(n_trained=n_trained)), flush=True)  # ready
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        print("BENCH", json.dumps(time.perf_counter() - t), flush=True)
+    print("BENCH", json.dumps(peak_memory(device)), flush=True)
 
 
-def run_child(side, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "compare_hf", "json") and v is not None and not isinstance(v, bool)]
-    cmd += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-            if isinstance(v, bool) and v and k not in ("compare_hf", "json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"bench: the {side} side failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Child:
+    """A side in its own process (`python bench.py --child ours|hf ...`), talking by lines that
+    start with BENCH on its stdout; its stderr goes to a file, shown if it fails."""
+
+    def __init__(self, side, args):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", side] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("child", "compare_hf", "json") and v is not None and not isinstance(v, bool)]
+        cmd += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                if isinstance(v, bool) and v and k not in ("compare_hf", "json")]
+        self.side, self.stderr = side, tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.n_trained = self.answer()["n_trained"]
+
+    def answer(self):
+        for line in self.proc.stdout:
+            if line.startswith("BENCH "):
+                return json.loads(line[len("BENCH "):])
+        self.proc.wait()
+        self.stderr.seek(0)
+        sys.exit(f"bench: the {self.side} side failed:\n{self.stderr.read()[-3000:]}")
+
+    def timed_step(self):
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def peak_memory(self):
+        self.proc.stdin.close()  # end of input: the child reports its peak and exits
+        peak = self.answer()
+        self.proc.wait()
+        return peak
+
+
+def time_sides(sides, steps):
+    """Median step time of each side, their timed steps alternating."""
+    times = {side: [] for side in sides}
+    for _ in range(steps):
+        for side, child in sides.items():
+            times[side].append(child.timed_step())
+    return {side: statistics.median(t) for side, t in times.items()}
 
 
 def main():
@@ -219,15 +252,20 @@ def main():
     device = torch.device(args.device)
     peak = matmul_peak_flops(getattr(torch, args.dtype), device)
     tokens = args.batch * args.seq
-    ours = run_child("ours", args)
-    flops = step_flops(cfg, args.method, args.batch, args.seq, ours["n_trained"])
+    sides = {"ours": Child("ours", args)}
+    if args.compare_hf:
+        sides["hf"] = Child("hf", args)
+    median = time_sides(sides, args.steps)
+    peaks = {side: child.peak_memory() for side, child in sides.items()}
+    flops = step_flops(cfg, args.method, args.batch, args.seq, sides["ours"].n_trained)
     result = dict(method=args.method, batch=args.batch, seq=args.seq, device=str(device), dtype=args.dtype,
-                  tokens_per_s=tokens / ours["median_s"], step_s=ours["median_s"],
-                  peak_mem_bytes=ours["peak_mem_bytes"], flops_per_step=flops,
-                  achieved_flops=flops / ours["median_s"], matmul_peak_flops=peak,
-                  mfu=flops / ours["median_s"] / peak)
+                  tokens_per_s=tokens / median["ours"], step_s=median["ours"],
+                  peak_mem_bytes=peaks["ours"], flops_per_step=flops,
+                  achieved_flops=flops / median["ours"], matmul_peak_flops=peak,
+                  mfu=flops / median["ours"] / peak)
     print(f"machine: {device}, {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
-    print(f"{args.method}, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, median of {args.steps} steps")
+    print(f"{args.method}, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, median of {args.steps} steps"
+          f"{' each, alternating with theirs' if args.compare_hf else ''}")
     print(f"  ours: {result['tokens_per_s']:8.1f} tokens/s  {result['step_s']:6.2f} s/step  "
           f"peak {result['peak_mem_bytes'] / 2**30:.2f} GiB  "
           f"{result['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {100 * result['mfu']:.0f}%")
@@ -238,9 +276,8 @@ def main():
         print(f"        (no AMX: our bf16 products run on the fp32 kernel, peak {fp32_peak / 1e9:.0f} GFLOP/s; "
               f"MFU of that peak {100 * result['mfu_of_fp32_peak']:.0f}%)")
     if args.compare_hf:
-        hf = run_child("hf", args)
-        result.update(hf_tokens_per_s=tokens / hf["median_s"], hf_step_s=hf["median_s"],
-                      hf_peak_mem_bytes=hf["peak_mem_bytes"])
+        result.update(hf_tokens_per_s=tokens / median["hf"], hf_step_s=median["hf"],
+                      hf_peak_mem_bytes=peaks["hf"])
         result.update(speedup=result["tokens_per_s"] / result["hf_tokens_per_s"],
                       memory_ratio=result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
         print(f"  hf:   {result['hf_tokens_per_s']:8.1f} tokens/s  {result['hf_step_s']:6.2f} s/step  "

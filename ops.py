@@ -244,7 +244,8 @@ class BF16AttentionFunction(torch.autograd.Function):
     and 10.9 ms in fp32. The fp32 kernel would keep fp32 copies of q, k, v and the output for
     backward, so instead forward keeps only the bf16 q, k, v, and backward recomputes the forward
     in fp32 and differentiates it (recomputing attention rather than storing it is FlashAttention's
-    trick, Dao et al. 2022); the extra forward costs ~2.7 ms of the 12.6 ms saved.
+    trick, Dao et al. 2022); the extra forward costs ~2.7 ms of the 12.6 ms saved. Autocast is
+    switched off around the fp32 kernel: SDPA is on its bf16 list and it would cast q, k, v back.
     """
 
     @staticmethod
