@@ -8,9 +8,9 @@ compute (frozen weights in bf16, trainable ones in fp32, autocast). Each side ru
 child process so that each one's peak memory is its own: peak RSS on CPU, max_memory_allocated
 on CUDA. A step = forward + loss + backward + optimizer step; each side runs `--warmup` steps,
 then we time `--steps` steps of each and report the medians. The two sides' timed steps
-alternate (ours, theirs, ours, ...; only one runs at a time), so that a slow spell of a shared
-machine slows both alike and the ratio holds (run one after the other, single runs' ratios
-varied by 15% here).
+alternate (ours, theirs, ours, ...; only one runs at a time), so that both run through the same
+spells of a shared machine. That narrows the spread of the ratio but does not remove it, as the
+two sides do not slow down alike: on this project's 2-core VM, LoRA runs gave 1.56x and 1.91x.
 
 FLOPs per step are counted from the shapes (a matmul of (m, k) by (k, n) is 2mkn):
   forward    2 * tokens * (parameters of the block linears) + attention + the head on trained tokens

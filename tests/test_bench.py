@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import ops
 from conftest import ROOT
 
@@ -31,3 +32,19 @@ def test_bench_compare_hf_measures_both_sides_in_their_own_processes(tiny_model)
     assert result["hf_tokens_per_s"] > 0 and result["hf_peak_mem_bytes"] > 0
     assert result["speedup"] == pytest.approx(result["tokens_per_s"] / result["hf_tokens_per_s"])
     assert result["memory_ratio"] == pytest.approx(result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
+
+
+def test_bench_alternates_the_timed_steps_of_the_two_sides():
+    order = []
+
+    class FakeSide:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def timed_step(self):
+            order.append(self.name)
+            return self.seconds
+
+    medians = bench.time_sides({"ours": FakeSide("ours", 1.0), "hf": FakeSide("hf", 2.0)}, steps=3)
+    assert order == ["ours", "hf"] * 3
+    assert medians == {"ours": 1.0, "hf": 2.0}
