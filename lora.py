@@ -18,6 +18,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import model as model_lib
 from nf4 import NF4Linear, dequantize_nf4
@@ -60,9 +61,16 @@ class LoRALinear(nn.Module):
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast A and B run in bf16 anyway
             h = h.to(self.lora_A.weight.dtype)
-        # scaling applied to the (.., r) intermediate: same result, r instead of out multiplies;
-        # added into y in place (nothing keeps the base output for backward): one fewer (.., out) tensor
-        return y.add_(self.lora_B(self.lora_A(h) * self.scaling).to(y.dtype))
+        # scaling applied to the (.., r) intermediate: same result, r instead of out multiplies
+        a = self.lora_A(h) * self.scaling                                 # (..., r); bf16 under autocast
+        b = self.lora_B.weight.to(a.dtype)                                # (out, r)
+        if y.dtype != a.dtype:  # no autocast and a bf16 base: the LoRA term in fp32, then rounded
+            return y.add_(F.linear(a, b).to(y.dtype))
+        # y += a B^T in place, as one addmm: no (..., out) tensor for the LoRA term (nothing keeps the
+        # base output y for backward, so overwriting it is safe). view, not reshape: a copy would
+        # silently drop the update.
+        y.view(-1, y.shape[-1]).addmm_(a.reshape(-1, self.rank), b.t())
+        return y
 
     def delta_weight(self):
         """scaling * B A: (out, in), fp32, what merging adds to W."""

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -71,3 +73,21 @@ def tiny_model_dir(tmp_path):
     folder = str(tmp_path / "tiny-llama")
     save_tiny_model(folder)
     return folder
+
+
+class NewTensors(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an operation allocates: outputs of operations that
+    neither write into a given tensor (copy_, mm.out, ...) nor return a view of an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocated = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.allocated.append((tuple(t.shape), t.dtype))
+        return out

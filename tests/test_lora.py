@@ -6,6 +6,7 @@ Every test that compares adapted models first gives B random values: with B = 0 
 a no-op and such a test could not fail.
 """
 import json
+import math
 import os
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn as nn
 import lora
 import nf4
 import model as model_lib
-from conftest import save_tiny_model
+from conftest import NewTensors, save_tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 3], [2, 4, 8, 16, 32, 64, 127, 0]])
 
@@ -101,6 +102,25 @@ def test_scaling_and_output_match_peft_on_the_same_A_and_B(rslora):
     x = torch.randn(5, 32)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)  # same math, rounding may differ
     assert not torch.allclose(ours(x), ours.base_layer(x))  # the update is really there
+
+
+def test_under_autocast_the_lora_term_is_added_into_the_base_output_with_the_same_result():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 48, bias=False).bfloat16(), rank=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 5, 48, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with NewTensors() as record:
+            y = layer(x)
+        ref = layer.base_layer(x) + layer.lora_B(layer.lora_A(x) * layer.scaling)  # out of place
+    out_sized = [shape for shape, dtype in record.allocated if math.prod(shape) == 3 * 5 * 48]
+    assert len(out_sized) == 1  # the base output; the LoRA term adds no (..., out) tensor
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+    params = (x, layer.lora_A.weight, layer.lora_B.weight)
+    for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_dropout_applies_to_the_adapter_input_only():
