@@ -133,8 +133,10 @@ def dequantize_nf4(state, dtype=torch.float32):
     to `dtype` (bitsandbytes dequantize_4bit; the same numbers, bit for bit)."""
     n = state.shape.numel()
     absmax = nf4_absmax(state)                                                  # (n_blocks,)
-    table = NF4_BYTE_TABLE.to(state.packed.device)
-    values = torch.index_select(table, 0, state.packed.int()).view(-1)          # (n or n+1,) fp32
+    # Each row of the table (two fp32 values) read as one int64 word: a gather of single words is
+    # ~3x faster than one of 2-float rows (0.28 vs 0.95 ms for a 1536 x 576 weight); the bits are the same.
+    table = NF4_BYTE_TABLE.to(state.packed.device).view(torch.int64).view(-1)  # (256,)
+    values = torch.index_select(table, 0, state.packed.int()).view(torch.float32)  # (n or n+1,) fp32
     if values.numel() != absmax.numel() * state.blocksize:                       # partial last block
         values = F.pad(values, (0, absmax.numel() * state.blocksize - values.numel()))
     values = values.view(-1, state.blocksize).mul_(absmax[:, None]).view(-1)
