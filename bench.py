@@ -1,6 +1,7 @@
 """Training-step speed and memory: ours, and (with --compare-hf) transformers + PEFT (+ bitsandbytes).
 
     python bench.py --model models/SmolLM2-135M-Instruct --method lora --batch 4 --seq 256 --compare-hf
+    python bench.py --model models/SmolLM2-135M-Instruct --method lora --profile   # where the time goes
 
 Both sides train on the same random tokens (labels -100 on the first half of each row, so half
 the tokens are trained), LoRA r=16 alpha=32 on all linear layers of the blocks, AdamW, bf16
@@ -183,6 +184,24 @@ def child(args):
     print("BENCH", json.dumps(peak_memory(device)), flush=True)
 
 
+def profile_ours(args, rows=25):
+    """Where our step's time goes (profile before optimizing): one step after warm-up under
+    torch.profiler, the operations by their own time, grouped by input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    step, _ = run_ours(args, device)
+    for _ in range(args.warmup):
+        step()
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        step()
+        sync(device)
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
+        max_name_column_width=50, max_shapes_column_width=60))
+
+
 class Child:
     """A side in its own process (`python bench.py --child ours|hf ...`), talking by lines that
     start with BENCH on its stdout; its stderr goes to a file, shown if it fails."""
@@ -192,7 +211,7 @@ class Child:
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k not in ("child", "compare_hf", "json") and v is not None and not isinstance(v, bool)]
         cmd += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                if isinstance(v, bool) and v and k not in ("compare_hf", "json")]
+                if isinstance(v, bool) and v and k not in ("compare_hf", "json", "profile")]
         self.side, self.stderr = side, tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
@@ -242,10 +261,14 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers + PEFT")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: profile one of our steps, print the costliest operations")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.profile:
+        return profile_ours(args)
 
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = json.load(f)

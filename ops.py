@@ -34,8 +34,9 @@ def upcast(x):
 # reuses (cuBLAS keeps a workspace for the same reason). Allocated afresh each time, they (0.4-6 MiB
 # each on SmolLM2) are freed between tensors that stay alive for backward, and the holes they leave
 # in glibc's heap are too small or misplaced for what comes next: measured on SmolLM2-135M, LoRA at
-# batch 4 x 256, the heap grew ~23 MB per block of the forward for ~11 MB of kept activations, and
-# the peak RSS was 1.49 GiB with fresh temporaries, 1.33 with the workspace (python bench.py).
+# batch 4 x 256, the heap grew ~23 MB per block of the forward for ~11 MB of kept activations. With
+# the workspace and the other changes that avoid such temporaries (RMSNorm below, LoRA's addmm_,
+# loss.py), the peak RSS of that step went from 1.49-1.52 GiB to 1.27-1.29 (README, bench.py).
 # On a GPU, PyTorch's caching allocator already reuses freed blocks; the workspace does no harm.
 _workspaces = {}
 

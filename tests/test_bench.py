@@ -48,3 +48,11 @@ def test_bench_alternates_the_timed_steps_of_the_two_sides():
     medians = bench.time_sides({"ours": FakeSide("ours", 1.0), "hf": FakeSide("hf", 2.0)}, steps=3)
     assert order == ["ours", "hf"] * 3
     assert medians == {"ours": 1.0, "hf": 2.0}
+
+
+def test_bench_profile_lists_our_costliest_operations_by_shape(tiny_model):
+    out = subprocess.run([sys.executable, "bench.py", "--model", tiny_model, "--method", "lora", "--batch", "2",
+                          "--seq", "32", "--warmup", "1", "--profile"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "Self CPU" in out and "Input Shapes" in out
+    assert "aten::mm" in out  # the model's matrix products are among them
