@@ -205,11 +205,13 @@ def bf16_gemm_is_slow(device):
 
 
 def gemm(a, b, dtype):
-    """a @ b as a GEMM in `dtype` computes it: operands rounded to `dtype`, result in `dtype`.
+    """a @ b as a GEMM in `dtype` computes it, a (..., K) and b (K, M): operands rounded to `dtype`,
+    result (..., M) in `dtype`.
 
     For bf16 where the bf16 kernel is slow, the operands go to fp32 and the fp32 kernel runs: a
     product of two bf16 numbers (8-bit significands) is exact in fp32 (24 bits), and a bf16 GEMM
     accumulates in fp32 as well, so the result is the bf16 GEMM's up to the order of the sums.
+    The fp32 operands and the fp32 result are views of the workspace; only the bf16 result is new.
     """
     a, b = a.to(dtype), b.to(dtype)
     if dtype == torch.bfloat16 and bf16_gemm_is_slow(a.device):
