@@ -123,6 +123,17 @@ def test_under_autocast_the_lora_term_is_added_into_the_base_output_with_the_sam
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+def test_without_autocast_a_bf16_base_gets_the_lora_term_in_fp32_rounded_once():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 48, bias=False).bfloat16(), rank=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    term = layer.lora_B(layer.lora_A(x.float()) * layer.scaling)  # fp32 A and B on fp32 input
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, layer.base_layer(x) + term.to(torch.bfloat16))
+
+
 def test_dropout_applies_to_the_adapter_input_only():
     torch.manual_seed(0)
     layer = lora.LoRALinear(nn.Linear(64, 64), rank=4, alpha=8, dropout=0.5).train()
