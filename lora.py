@@ -117,9 +117,12 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def frozen_weight(base, dtype):
-    """The base layer's W (out, in) in `dtype`: an nn.Linear's weight, or an NF4Linear's dequantized."""
-    return dequantize_nf4(base.nf4, dtype) if isinstance(base, NF4Linear) else base.weight.to(dtype)
+def frozen_weight(base, dtype, out=None):
+    """The base layer's W (out, in) in `dtype`: an nn.Linear's weight, or an NF4Linear's dequantized.
+    With out (fp32, W's size): written there, its values rounded to `dtype`."""
+    if isinstance(base, NF4Linear):
+        return dequantize_nf4(base.nf4, dtype, out)
+    return base.weight.to(dtype) if out is None else out.copy_(base.weight.to(dtype))
 
 
 class LoRAMatmul(torch.autograd.Function):
@@ -192,7 +195,7 @@ def stacked_weights(base, A, flat):
     """[W; A] (out + r, in) in fp32, written into flat: W in bf16 as a bf16 GEMM has it, A as it is."""
     out = base.out_features
     wa = flat.view(out + A.shape[0], A.shape[1])
-    wa[:out].copy_(frozen_weight(base, torch.bfloat16))
+    frozen_weight(base, torch.bfloat16, out=wa[:out])
     wa[out:].copy_(A)
     return wa
 

@@ -57,6 +57,27 @@ def test_dequantized_weight_is_identical_to_bitsandbytes(shape, out_dtype):
     assert torch.equal(ours, bnb_dequantize(packed, state, out_dtype))
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (3, 5)])  # whole blocks (straight into out); a partial one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_an_fp32_buffer_writes_the_same_values_there(shape, dtype):
+    state = nf4.quantize_nf4(random_weight(shape, seed=2))
+    out = torch.full(shape, float("nan"))
+    result = nf4.dequantize_nf4(state, dtype, out=out)
+    assert result.data_ptr() == out.data_ptr() and result.dtype == torch.float32
+    assert torch.equal(out, nf4.dequantize_nf4(state, dtype).float())
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (7, 13), (3, 5)])
+@pytest.mark.parametrize("chunk", [64, 128, 192])
+def test_dequantizing_a_chunk_at_a_time_gives_the_same_bits(monkeypatch, shape, chunk):
+    state = nf4.quantize_nf4(random_weight(shape, seed=3))
+    whole = nf4.dequantize_nf4(state, torch.bfloat16)  # these shapes fit in one default chunk
+    monkeypatch.setattr(nf4, "DEQUANT_CHUNK", chunk)
+    assert torch.equal(nf4.dequantize_nf4(state, torch.bfloat16), whole)
+    out = torch.empty(shape)
+    assert torch.equal(nf4.dequantize_nf4(state, torch.bfloat16, out=out), whole.float())
+
+
 @pytest.mark.parametrize("shape", [(64, 96), (4, 32)])
 def test_rows_not_a_multiple_of_64_use_flat_blocks_like_bitsandbytes_reference(shape):
     # Blocks run over the flattened weight, across row ends (as bitsandbytes' CUDA and pure-torch
