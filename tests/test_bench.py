@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import bench
 import ops
@@ -56,3 +57,25 @@ def test_bench_profile_lists_our_costliest_operations_by_shape(tiny_model):
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "Self CPU" in out and "Input Shapes" in out
     assert "aten::mm" in out  # the model's matrix products are among them
+
+
+def test_llama_1b_shape_has_the_parameter_count_of_llama_3_2_1b():
+    sys.path.insert(0, f"{ROOT}/tools")
+    from make_tiny_model import SHAPES
+    s = SHAPES["llama-3.2-1b"]
+    C, I, V, head_dim = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["hidden_size"] // s["heads"]
+    block = 2 * C * C + 2 * C * s["kv_heads"] * head_dim + 3 * C * I + 2 * C  # q, o, k, v, MLP, two norms
+    assert V * C + s["layers"] * block + C == 1_235_814_400  # tied embeddings; Meta's published count
+
+
+def test_make_tiny_model_writes_the_shapes_and_dtype_it_is_given(tmp_path, real_model_dir):
+    sys.path.insert(0, f"{ROOT}/tools")
+    from make_tiny_model import make_tiny_model
+    from model import load_model
+    folder = make_tiny_model(str(tmp_path / "m"), real_model_dir, hidden_size=32, layers=3, heads=4, kv_heads=1,
+                             intermediate_size=48, vocab_size=1000, rope_theta=500000.0, dtype=torch.bfloat16)
+    cfg = load_model(folder).config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.intermediate_size,
+            cfg.vocab_size, cfg.rope_theta) == (32, 3, 1, 48, 1000, 500000.0)
+    with safe_open(f"{folder}/model.safetensors", "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
