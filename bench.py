@@ -11,7 +11,8 @@ on CUDA. A step = forward + loss + backward + optimizer step; each side runs `--
 then we time `--steps` steps of each and report the medians. The two sides' timed steps
 alternate (ours, theirs, ours, ...; only one runs at a time), so that both run through the same
 spells of a shared machine. That narrows the spread of the ratio but does not remove it, as the
-two sides do not slow down alike: on this project's 2-core VM, LoRA runs gave 1.56x and 1.91x.
+two sides do not slow down alike: on this project's 2-core VM, the same LoRA command gave
+1.84x to 2.11x in four runs of one afternoon.
 
 FLOPs per step are counted from the shapes (a matmul of (m, k) by (k, n) is 2mkn):
   forward    2 * tokens * (parameters of the block linears) + attention + the head on trained tokens
