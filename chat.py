@@ -19,8 +19,8 @@ import torch
 
 import data
 import lora
-from config import exit_on_config_error, parse_cli, resolve_hardware
-from model import ModelLoadError, generate, load_model
+from config import UserError, fetch_model, parse_cli, resolve_hardware, script
+from model import generate, load_model
 from tokenizer import load_tokenizer, utf8_complete_length
 
 HELP = "commands: /reset, /system TEXT, /quit"
@@ -65,11 +65,12 @@ def fit_context(messages, tokenizer, template, budget):
     return system + turns
 
 
-@exit_on_config_error
+@script
 def main(argv=None):
     cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {
         "adapter": "", "temperature": 0.7, "top_k": 0, "top_p": 0.9, "max_new_tokens": 256, "system": ""})
     interactive = sys.stdin.isatty()
+    cfg.model = fetch_model(cfg.model)
     device, cfg.dtype = resolve_hardware(cfg, log=lambda line: print(line, file=sys.stderr))
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -77,9 +78,8 @@ def main(argv=None):
         model = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=device)
         if flags["adapter"]:
             lora.load_adapter(model, flags["adapter"])
-    except (data.DataError, ModelLoadError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (OSError, ValueError) as e:  # a file that cannot be read, an adapter that does not fit
+        raise UserError(str(e)) from None
     model.eval()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     budget = model.config.max_position_embeddings - flags["max_new_tokens"]
@@ -118,4 +118,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

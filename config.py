@@ -17,8 +17,11 @@ closest known key); nothing runs and nothing is written.
 import ast
 import dataclasses
 import difflib
+import functools
 import json
 import os
+import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -67,6 +70,7 @@ class Config:
     # --- hardware -------------------------------------------------------------------------------
     dtype: str = "auto"             # float32 | bfloat16 (bf16 frozen weights + autocast) | auto
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    kernels: str = "fast"           # fast | plain: the speed and memory layer (fast.py), or none of it
     grad_checkpointing: bool = False
     compile: bool = False           # torch.compile the model
     # --- run folder, evaluation, checkpoints ----------------------------------------------------
@@ -89,11 +93,21 @@ CHOICES = {
     "on_bad_data": ("stop", "skip"),
     "dtype": ("auto", "float32", "bfloat16"),
     "distill_on": ("prompt", "answer"),
+    "kernels": ("fast", "plain"),
 }
 
 
-class ConfigError(Exception):
-    """A config mistake. Scripts print it as one line and exit with code 2."""
+# Exit codes, the same in every script
+EXIT_OK, EXIT_NON_FINITE, EXIT_USER_ERROR, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+class UserError(Exception):
+    """The user's mistake: a setting, a data file, a model folder. Scripts print it as one line
+    (`error: ...`, no traceback) and exit with code 2."""
+
+
+class ConfigError(UserError):
+    """A mistake in the config file or on the command line."""
 
 
 KEYS = {f.name: f for f in dataclasses.fields(Config)}
@@ -227,15 +241,44 @@ def save_config(cfg, path):
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
-def exit_on_config_error(fn):
-    """Decorator for a script's main(): a ConfigError becomes one line on stderr and exit 2."""
+def script(main):
+    """Decorator for a script's main(): its return value is the exit code (None: 0); a UserError
+    becomes one line on stderr and exit code 2; Ctrl-C exits with 130."""
+    @functools.wraps(main)
     def wrapped(*a, **kw):
         try:
-            return fn(*a, **kw)
-        except ConfigError as e:
+            return main(*a, **kw)
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPT)
     return wrapped
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def fetch_model(name, models_dir="models"):
+    """The folder of a config's `model`. A folder is used as it is. A Hugging Face Hub id ORG/NAME
+    means models_dir/NAME, and an absent models_dir/NAME is filled first by tools/get_model.py
+    (from the Hub, or offline for the models it can build: SmolLM2-135M-Instruct, tiny)."""
+    if os.path.isdir(name):
+        return name
+    parent, short = os.path.split(os.path.normpath(name))
+    if os.path.basename(parent) == models_dir:  # models/NAME: a name get_model may know (tiny, ...)
+        source, folder = short, name
+    elif HUB_ID.fullmatch(name):
+        source, folder = name, os.path.join(models_dir, name.split("/")[-1])
+    else:
+        raise ConfigError(f"model = {name!r}: no such folder (give a model folder or a Hub id ORG/NAME)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        print(f"{folder} is absent: python tools/get_model.py {source} --out {folder}", file=sys.stderr)
+        tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "get_model.py")
+        if subprocess.run([sys.executable, tool, source, "--out", folder]).returncode != 0:
+            raise ConfigError(f"model = {name!r}: {folder} is absent and could not be fetched (see above)")
+    return folder
 
 
 def resolve_hardware(cfg, log=print):
@@ -243,10 +286,8 @@ def resolve_hardware(cfg, log=print):
 
     device auto: cuda if there is one. dtype auto: bfloat16 on a GPU that supports it; on a
     CPU, whichever dtype multiplies matrices faster here, timed on the spot (a 1024^3 matmul,
-    a few ms). CPUs differ a lot: with AMX or fast AVX512-BF16 units bf16 is about twice fp32,
-    on others (e.g. this project's 2-core development VM: 174 vs 352 GFLOP/s) it is half, and
-    without any bf16 instructions it is emulated. (Where it is half, bf16 training runs its
-    products on the fp32 kernels anyway, see ops.bf16_gemm_is_slow; fp32 still saves the casts.)
+    a few ms). CPUs differ a lot: with AMX (Intel's matrix tiles) bf16 is several times fp32; with
+    AVX512-BF16 alone it is about half, and without any bf16 instructions it is emulated.
     """
     import time
     import torch

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from config import ConfigError, exit_on_config_error, parse_cli
+from config import ConfigError, UserError, fetch_model, parse_cli, script
 from templates import (IGNORE, TEMPLATES, DataError, TemplateError, check_messages, detect_template,  # noqa: F401
                        format_chat, render, resolve_template, stop_ids, token_spans)
 
@@ -472,20 +472,19 @@ def show(examples, tokenizer, n, color=None, file=None):
         print("".join(out), file=file)
 
 
-@exit_on_config_error
+@script
 def main(argv=None):
     cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {"show": 3, "data": ""})
     if flags["data"]:  # a quick look at one file: all of it, no validation split
         cfg.train_data, cfg.data_weights, cfg.val_data, cfg.val_fraction = [flags["data"]], [], "", 0.0
     from tokenizer import load_tokenizer
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(fetch_model(cfg.model))
         train, val, stats = load_datasets(cfg, tokenizer)  # prints the statistics
-    except (DataError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (OSError, ValueError) as e:  # a file that cannot be read
+        raise UserError(str(e)) from None
     show(train, tokenizer, flags["show"])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

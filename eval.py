@@ -45,10 +45,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import fast
 import lora
-from config import ConfigError, exit_on_config_error, parse_cli, resolve_hardware
-from loss import masked_cross_entropy
-from model import ModelLoadError, generate, load_model
+from config import ConfigError, UserError, fetch_model, parse_cli, resolve_hardware, script
+from loss import fused_cross_entropy, masked_cross_entropy
+from model import generate, load_model
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -137,7 +138,7 @@ def trained_bytes(tokenizer, labels):
 
 
 @torch.no_grad()
-def language_model_loss(model, tokenizer, examples, batch_size=8, desc="loss"):
+def language_model_loss(model, tokenizer, examples, batch_size=8, desc="loss", fused=True):
     """{"loss", "ppl", "bpb", "tokens", "bytes"} over examples ({"input_ids", "labels"}, as
     data.render_examples makes them). Token-weighted: sum of every trained token's loss / tokens.
     Examples are batched by length, one per row, right-padded: causal attention never looks right."""
@@ -148,7 +149,8 @@ def language_model_loss(model, tokenizer, examples, batch_size=8, desc="loss"):
         longest = max(len(examples[row[0]]["input_ids"]) for row in rows)
         batch = data.collate(examples, rows, longest, tokenizer.pad_id)
         hidden = model.hidden_states(batch["input_ids"].to(device), batch["position_ids"].to(device))
-        total += masked_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device)).item()
+        cross_entropy = fused_cross_entropy if fused else masked_cross_entropy  # the same sum (loss.py)
+        total += cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device)).item()
         tokens += batch["n_trained"]
     n_bytes = sum(trained_bytes(tokenizer, ex["labels"]) for ex in examples)
     loss = total / max(tokens, 1)
@@ -270,7 +272,8 @@ def evaluate(model, tokenizer, cfg, sets, flags, label):
     if sets["val"] is not None:
         val = val_examples(cfg, tokenizer, sets["val"], flags["limit"])
         if val:  # none when train_data is the only data and val_fraction = 0
-            m = language_model_loss(model, tokenizer, val, flags["eval_batch_size"], desc=f"{label} val loss")
+            m = language_model_loss(model, tokenizer, val, flags["eval_batch_size"], desc=f"{label} val loss",
+                                    fused=cfg.kernels == "fast")
             metrics.update(val_loss=m["loss"], val_ppl=m["ppl"], val_bpb=m["bpb"], val_tokens=m["tokens"])
     if sets["test"]:
         prompts, references = zip(*sets["test"])
@@ -282,7 +285,8 @@ def evaluate(model, tokenizer, cfg, sets, flags, label):
         metrics["mc_accuracy"] = multiple_choice_accuracy(model, tokenizer, sets["mc"])
     if sets["general"]:
         general = text_examples(tokenizer, sets["general"], cfg.seq_len)[:flags["limit"] or None]
-        m = language_model_loss(model, tokenizer, general, flags["eval_batch_size"], desc=f"{label} general text")
+        m = language_model_loss(model, tokenizer, general, flags["eval_batch_size"], desc=f"{label} general text",
+                                fused=cfg.kernels == "fast")
         metrics.update(forgetting_ppl=m["ppl"], forgetting_bpb=m["bpb"])
     metrics["seconds"] = round(time.time() - t0, 1)
     return metrics, answers
@@ -423,12 +427,14 @@ def write_report(path, command, cfg, flags, sets, base, tuned, base_answers, tun
 # ---------------------------------------------------------------------------------------------------
 
 
-def device_and_dtype(cfg):
-    device, cfg.dtype = resolve_hardware(cfg)
-    return device, getattr(torch, cfg.dtype)
+def with_kernels(model, cfg, device):
+    """The model on its device, with the fast layer when kernels = "fast" (fast.py): call it again
+    after load_adapter, which adds plain LoRA layers."""
+    model.to(device)
+    return fast.accelerate(model) if cfg.kernels == "fast" else model
 
 
-@exit_on_config_error
+@script
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg, flags = parse_cli(argv, {
@@ -438,25 +444,26 @@ def main(argv=None):
         "base_cache": ""})
     if flags["adapter"] and flags["model"]:
         raise ConfigError("give --adapter (LoRA on the config's model) or --model (a model folder), not both")
-    device, dtype = device_and_dtype(cfg)
+    cfg.model = fetch_model(cfg.model)
+    device, cfg.dtype = resolve_hardware(cfg)
+    dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
     try:
         sets = read_sets(cfg, flags)
         tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, dtype=dtype, device=device)
+        model = with_kernels(load_model(cfg.model, dtype=dtype, device=device), cfg, device)
         base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
         tuned, tuned_answers, tuned_name = None, [], flags["adapter"] or flags["model"]
         if flags["adapter"]:  # the same base weights with the LoRA layers added in place
-            lora.load_adapter(model, flags["adapter"])
-            tuned, tuned_answers = evaluate(model.to(device), tokenizer, cfg, sets, flags, "fine-tuned")
+            model = with_kernels(lora.load_adapter(model, flags["adapter"]), cfg, device)
+            tuned, tuned_answers = evaluate(model, tokenizer, cfg, sets, flags, "fine-tuned")
         elif flags["model"]:
             del model
             tokenizer = load_tokenizer(flags["model"])
-            model = load_model(flags["model"], dtype=dtype, device=device)
+            model = with_kernels(load_model(flags["model"], dtype=dtype, device=device), cfg, device)
             tuned, tuned_answers = evaluate(model, tokenizer, cfg, sets, flags, "fine-tuned")
-    except (data.DataError, ModelLoadError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (OSError, ValueError) as e:  # a file that cannot be read, an adapter that does not fit
+        raise UserError(str(e)) from None
 
     folder = flags["out"] or (os.path.dirname(os.path.abspath(tuned_name)) if tuned_name else cfg.out_dir)
     report = os.path.join(folder, "eval.md" if tuned else "eval_base.md")
@@ -476,4 +483,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,11 +18,9 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import model as model_lib
 from nf4 import NF4Linear, dequantize_nf4
-from ops import bf16_gemm_is_slow, fp32_copy, matmul_dtype, workspace
 
 # ---------------------------------------------------------------------------------------------
 # LoRA
@@ -35,8 +33,6 @@ class LoRALinear(nn.Module):
     "layers.0.self_attn.q_proj.lora_A.weight" is PEFT's key with "base_model.model.model." in front.
     A and B are fp32 whatever the base dtype: they are the weights the optimizer updates, and
     bf16 would round small updates away (PEFT's autocast_adapter_dtype does the same).
-    On a CPU whose bf16 GEMM is slow, a bf16 forward runs as one LoRAMatmul (below): the same
-    formula, with its backward written out.
     """
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
@@ -57,42 +53,24 @@ class LoRALinear(nn.Module):
         self.merged = False    # only merge() / unmerge() change this; eval() does not
         self.disabled = False  # set by adapters_disabled(): compute base(x) only
 
-    def forward(self, x):
-        if self.uses_lora_matmul(x):  # bf16 on a CPU with a slow bf16 GEMM: see LoRAMatmul below
-            return LoRAMatmul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling)
-        y = self.base_layer(x)
+    def forward(self, x):                                                  # (..., in)
+        y = self.base_layer(x)                                             # (..., out)
         if self.merged or self.disabled:
             return y
         h = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast A and B run in bf16 anyway
+        if not torch.is_autocast_enabled(x.device.type):  # A, B are fp32; autocast casts for itself
             h = h.to(self.lora_A.weight.dtype)
-        # scaling applied to the (.., r) intermediate: same result, r instead of out multiplies
-        a = self.lora_A(h) * self.scaling                                 # (..., r); bf16 under autocast
-        b = self.lora_B.weight.to(a.dtype)                                # (out, r)
-        if y.dtype != a.dtype:  # no autocast and a bf16 base: the LoRA term in fp32, then rounded
-            return y.add_(F.linear(a, b).to(y.dtype))
-        # y += a B^T in place, as one addmm: no (..., out) tensor for the LoRA term (nothing keeps the
-        # base output y for backward, so overwriting it is safe). view, not reshape: a copy would
-        # silently drop the update.
-        y.view(-1, y.shape[-1]).addmm_(a.reshape(-1, self.rank), b.t())
-        return y
+        return y + (self.scaling * self.lora_B(self.lora_A(h))).to(y.dtype)
 
     def delta_weight(self):
         """scaling * B A: (out, in), fp32, what merging adds to W."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
-    def uses_lora_matmul(self, x):
-        """The fused LoRAMatmul applies: a bf16 product where the bf16 GEMM is slow, an active adapter
-        without dropout (dropout feeds A another input than W's) and a frozen base."""
-        base = self.base_layer
-        return (matmul_dtype(x) == torch.bfloat16 and bf16_gemm_is_slow(x.device)
-                and not (self.merged or self.disabled or (self.training and self.dropout_p > 0))
-                and (isinstance(base, NF4Linear) or not base.weight.requires_grad)
-                and (base.bias is None or not base.bias.requires_grad))
-
     def base_weight(self):
         """The frozen W (out, in) in fp32; for an NF4 base the dequantized 4-bit weight."""
-        return frozen_weight(self.base_layer, torch.float32)
+        if isinstance(self.base_layer, NF4Linear):
+            return dequantize_nf4(self.base_layer.nf4, torch.float32)
+        return self.base_layer.weight.float()
 
     @torch.no_grad()
     def merge(self):
@@ -115,89 +93,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-def frozen_weight(base, dtype, out=None):
-    """The base layer's W (out, in) in `dtype`: an nn.Linear's weight, or an NF4Linear's dequantized.
-    With out (fp32, W's size): written there, its values rounded to `dtype`."""
-    if isinstance(base, NF4Linear):
-        return dequantize_nf4(base.nf4, dtype, out)
-    return base.weight.to(dtype) if out is None else out.copy_(base.weight.to(dtype))
-
-
-class LoRAMatmul(torch.autograd.Function):
-    """A whole LoRA layer, y = x W^T + b + s (x A^T) B^T (s = scaling, W and b frozen, bf16 or NF4),
-    for bf16 on a CPU with a slow bf16 GEMM (ops.bf16_gemm_is_slow), where every product runs on
-    the fp32 kernel: x rounded to bf16 and W in bf16 as autocast has them, A and B in fp32.
-
-    Why one function: the rank-r products are too thin to run fast on their own (x (N, in) is read
-    to make only r = 16 columns), and each needs its own fp32 copy of x or g. Stacked beside W, they
-    ride along the base layer's GEMMs, which copy x and g to fp32 anyway. Measured on SmolLM2-135M,
-    LoRA r=16, batch 4 x 256: the separate rank-r products took 443 ms of a ~3.7 s step (profile,
-    `python bench.py --method lora --profile`); a (576 -> 1536) layer's forward and backward went
-    from 18.8 ms to 15.6 ms.
-
-    Forward, in fp32 (the workspace holds x, [W; A] and the result):
-        [x W^T | x A^T] = x [W; A]^T                    one GEMM: (N, in) x (in, out + r)
-        a = s x A^T                                     (N, r), kept for backward
-        y = x W^T + a B^T + b                           a rank-r update added to the fp32 result
-    Backward, with g = dL/dy (N, out) and gb = s g B (N, r):
-        dL/dB = g^T a                                   (out, r)
-        dL/dA = gb^T x                                  (r, in)
-        dL/dx = g W + gb A = [g | gb] [W; A]            one GEMM: (N, out + r) x (out + r, in)
-    Kept: x (bf16) and a; W is fetched again in backward (for NF4: dequantized again, nf4.py).
-    """
-
-    @staticmethod
-    def forward(ctx, x, A, B, base, scaling):
-        ctx.x_dtype = x.dtype
-        x = x.to(torch.bfloat16)                     # the input as a bf16 GEMM sees it (autocast)
-        x2 = x.reshape(-1, x.shape[-1])                                            # (N, in)
-        (n, k), (out, r) = x2.shape, B.shape
-        work = workspace(x.device, n * k + (out + r) * k + n * (out + r))
-        x32 = fp32_copy(x2, work[:n * k])                                          # (N, in)
-        wa = stacked_weights(base, A, work[n * k:n * k + (out + r) * k])           # (out + r, in)
-        c = work[n * k + (out + r) * k:].view(n, out + r)                          # (N, out + r)
-        with torch.autocast(x.device.type, enabled=False):  # else autocast makes the products bf16
-            torch.mm(x32, wa.t(), out=c)
-            a = c[:, out:] * scaling                                               # (N, r)
-            y = c[:, :out].addmm_(a, B.t())                                        # (N, out)
-            if base.bias is not None:
-                y.add_(base.bias)
-        ctx.save_for_backward(x, a, A, B)
-        ctx.base, ctx.scaling = base, scaling
-        return y.to(torch.bfloat16).view(*x.shape[:-1], out)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, a, A, B = ctx.saved_tensors
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        g2 = g.reshape(-1, g.shape[-1])                                            # (N, out)
-        (n, out), (r, k) = g2.shape, A.shape
-        work = workspace(g.device, n * (out + r) + (out + r) * k + n * k)
-        g_gb = work[:n * (out + r)].view(n, out + r)                               # [g | gb]
-        g32 = g_gb[:, :out].copy_(g2)
-        grad_x = grad_A = grad_B = None
-        with torch.autocast(g.device.type, enabled=False):
-            gb = g_gb[:, out:].copy_(g32 @ B).mul_(ctx.scaling)                    # (N, r)
-            if need_B:
-                grad_B = g32.t() @ a                                               # (out, r)
-            x32_or_dx = work[n * (out + r) + (out + r) * k:].view(n, k)
-            if need_A:
-                grad_A = gb.t() @ fp32_copy(x.reshape(n, k), x32_or_dx)            # (r, in)
-            if need_x:
-                wa = stacked_weights(ctx.base, A, work[n * (out + r):n * (out + r) + (out + r) * k])
-                grad_x = torch.mm(g_gb, wa, out=x32_or_dx).to(ctx.x_dtype).view(*g.shape[:-1], k)
-        return grad_x, grad_A, grad_B, None, None
-
-
-def stacked_weights(base, A, flat):
-    """[W; A] (out + r, in) in fp32, written into flat: W in bf16 as a bf16 GEMM has it, A as it is."""
-    out = base.out_features
-    wa = flat.view(out + A.shape[0], A.shape[1])
-    frozen_weight(base, torch.bfloat16, out=wa[:out])
-    wa[out:].copy_(A)
-    return wa
 
 
 def parse_targets(targets):

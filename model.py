@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import Linear, attention, matmul_dtype, recompute_in_backward, rms_norm, swiglu
+from config import UserError
+
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """A problem with a model folder; the message names the file or tensor."""
 
 
@@ -122,17 +123,20 @@ def read_config(path):
 
 
 class RMSNorm(nn.Module):
-    """weight * x / sqrt(mean(x^2) + eps)   (Zhang & Sennrich 2019), normalised in fp32.
+    """weight * x / sqrt(mean(x^2) + eps)   (Zhang & Sennrich 2019).
 
-    ops.rms_norm computes exactly that; its hand-written backward keeps less memory."""
+    Normalised in fp32 (at least), cast back to x's dtype, then scaled: the Llama recipe, so a
+    bf16 model gives the bits transformers gives."""
 
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x):                                                  # (..., C)
+        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_hat.to(x.dtype)
 
 
 def rope_inv_freq(cfg):
@@ -166,8 +170,7 @@ def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+d/2}) of x (B, H, T, d) by its angle, in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    # x cos + rotated sin, the sum and one product made in place: two fewer (B, H, T, d) temporaries
-    return (x * cos.to(x.dtype)).add_(rotated.mul_(sin.to(x.dtype)))
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class KVCache:
@@ -195,10 +198,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C = cfg.hidden_size
-        self.q_proj = Linear(C, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, C, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=cfg.o_bias)
         if cfg.qk_norm:  # qwen3: normalise each head's q and k before the rotation
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -215,9 +218,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                          # (B, Hkv, S, d)
         # Grouped-query attention (Ainslie et al. 2023): each k/v head serves H/Hkv query heads.
-        # softmax(q k^T / sqrt(d) + mask) v by a fused kernel (ops.attention); no mask = causal.
-        y = attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                      enable_gqa=self.n_kv_heads != self.n_heads)
+        # softmax(q k^T / sqrt(d) + mask) v by PyTorch's fused kernel; no mask = causal.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -227,18 +230,17 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C, H = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(C, H, bias=cfg.mlp_bias)
-        self.up_proj = Linear(C, H, bias=cfg.mlp_bias)
-        self.down_proj = Linear(H, C, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)                      # (B, T, I) each
-        h = swiglu(gate, up)                                               # silu(gate) * up
-        with recompute_in_backward(h, swiglu, gate, up):  # down keeps the recipe, not h
-            return self.down_proj(h)
+    def forward(self, x):                                                  # (B, T, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # via (B, T, I)
 
 
 class Block(nn.Module):
+    """A pre-norm residual block: attention, then the MLP, each on a normalised copy of x."""
+
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -246,14 +248,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
-        # The norm outputs are recomputed from x in backward rather than kept (ops.py explains).
-        h = self.input_layernorm(x)
-        with recompute_in_backward(h, self.input_layernorm, x):
-            x = x + self.self_attn(h, cos, sin, attn_mask, kv_cache, layer)
-        h = self.post_attention_layernorm(x)
-        with recompute_in_backward(h, self.post_attention_layernorm, x):
-            return x + self.mlp(h)
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):  # (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
@@ -282,9 +279,7 @@ class Transformer(nn.Module):
             attn_mask = sliding_window_mask(T, start, window, input_ids.device, attn_mask)
         x = self.embed_tokens(input_ids)                           # (B, T, C)
         inv_freq = self.inv_freq.to(input_ids.device)
-        cos, sin = rope_cos_sin(inv_freq, position_ids)            # (B, 1, T, d) each
-        # cast once to the dtype q and k will have, not in every layer (each cast is kept for backward)
-        cos, sin = cos.to(matmul_dtype(x)), sin.to(matmul_dtype(x))
+        cos, sin = rope_cos_sin(inv_freq, position_ids)            # (B, 1, T, d) each, fp32
         for i, block in enumerate(self.layers):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
@@ -296,7 +291,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None, return_hidden=False):
         """Logits (B, T, V), or with return_hidden the hidden states (B, T, C): training computes
-        logits only where there is a loss, in chunks (loss.py), not for all B*T positions."""
+        logits only at the positions that have a loss (loss.py), not for all B*T of them."""
         hidden = self.hidden_states(input_ids, position_ids, attn_mask, kv_cache)
         return hidden if return_hidden else self.lm_head(hidden)
 

@@ -5,16 +5,13 @@ A frozen weight W (out, in) is cut into blocks of 64 consecutive values; each bl
 absmax, and each value the nearest of 16 codes (NF4_CODE) of value / absmax, two codes per byte.
 The absmax values are themselves quantized to 8 bits in blocks of 256 (double quantization), so
 a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits. NF4Linear is the frozen 4-bit linear that
-lora.py puts under a LoRA layer; its forward dequantizes on the fly, and its backward keeps only
-the packed bytes (NF4Matmul).
+lora.py puts under a LoRA layer; its forward dequantizes the weight at every call.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from ops import gemm, matmul_dtype
 
 # ---------------------------------------------------------------------------------------------
 # NF4: 4-bit NormalFloat, stored exactly as bitsandbytes stores it (tests compare byte for byte)
@@ -28,9 +25,6 @@ NF4_CODE = torch.tensor([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0])
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # x goes to code i+1 iff x > midpoint i
-# One byte holds two codes: element 2i in the high nibble, 2i+1 in the low one. Decoding a byte
-# is then one row of this (256, 2) table: a single lookup gives both values.
-NF4_BYTE_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 15]], 1)
 
 
 def dynamic_code():
@@ -128,65 +122,22 @@ def nf4_absmax(state):
     return (codes.view(-1, 256) * state.absmax_scale[:, None]).view(-1)[:n] + state.absmax_offset
 
 
-# On a CPU, dequantize a chunk at a time (2^19 values, 2 MiB in fp32): each chunk's passes (decode,
-# scale, round) then run in cache, and only the result goes to memory. Measured on this
-# repository's VM: an 8192 x 2048 weight (Llama-3.2-1B's MLP) 73 -> 17-25 ms; SmolLM2's weights
-# (at most 1536 x 576) fit in one or two chunks, no faster or slower. On a GPU the chunks would
-# only add kernel launches: one chunk there.
-DEQUANT_CHUNK = 1 << 19
-
-
-def dequantize_nf4(state, dtype=torch.float32, out=None):
+def dequantize_nf4(state, dtype=torch.float32):
     """NF4State -> tensor of the original shape: code[index] * absmax[block], in fp32, then cast
-    to `dtype` (bitsandbytes dequantize_4bit; the same numbers, bit for bit).
-
-    out: an fp32 tensor of the weight's size (e.g. part of a GEMM's workspace) to write the result
-    into, rounded to `dtype` but kept in fp32 (what an fp32 GEMM on bf16 operands wants)."""
+    to `dtype` (bitsandbytes dequantize_4bit; the same numbers, bit for bit)."""
     n, bs = state.shape.numel(), state.blocksize
-    device = state.packed.device
-    absmax = nf4_absmax(state)                                                  # (n_blocks,)
-    result = torch.empty(state.shape, dtype=dtype, device=device) if out is None else out
-    # Each row of the table (two fp32 values) read as one int64 word: a gather of single words is
-    # ~3x faster than one of 2-float rows (0.28 vs 0.95 ms for a 1536 x 576 weight); the bits are the same.
-    table = NF4_BYTE_TABLE.to(device).view(torch.int64).view(-1)               # (256,)
-    step = DEQUANT_CHUNK if device.type == "cpu" else n
-    step = -(-min(step, n) // bs) * bs                                          # whole blocks
-    values = torch.empty(step, dtype=torch.float32, device=device)             # one chunk, fp32
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        packed = state.packed[start // 2:(stop + 1) // 2]                      # two values a byte
-        torch.index_select(table, 0, packed.int(), out=values[:2 * packed.numel()].view(torch.int64))
-        blocks = -(-(stop - start) // bs)  # a partial last block: its tail is never read back
-        chunk = values[:blocks * bs].view(blocks, bs).mul_(absmax[start // bs:start // bs + blocks, None])
-        result.view(-1)[start:stop].copy_(chunk.view(-1)[:stop - start].to(dtype))
-    return result
-
-
-class NF4Matmul(torch.autograd.Function):
-    """y = x W^T with W dequantized from 4 bits in forward, and again in backward.
-
-    Only a reference to the packed state is kept for backward: saving the dequantized W (as a
-    plain F.linear would) puts a full-precision copy of every weight in memory and makes QLoRA
-    use more memory than LoRA. W is frozen, so the only gradient is the input's:
-    dL/dx = dL/dy W.
-    """
-
-    @staticmethod
-    def forward(ctx, x, state):
-        ctx.state = state
-        return gemm(x, dequantize_nf4(state, x.dtype).t(), x.dtype)   # (..., out); gemm: see ops.py
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return gemm(grad_y, dequantize_nf4(ctx.state, grad_y.dtype), grad_y.dtype), None
+    codes = torch.stack([state.packed >> 4, state.packed & 15], dim=1).view(-1)  # (2 * bytes,) 0..15
+    values = NF4_CODE.to(state.packed.device)[codes.long()]                     # (n or n + 1,) fp32
+    values = F.pad(values, (0, -len(values) % bs)).view(-1, bs)                 # (n_blocks, 64)
+    values = values * nf4_absmax(state)[:, None]                                # scaled per block
+    return values.view(-1)[:n].view(state.shape).to(dtype)
 
 
 class NF4Linear(nn.Module):
-    """A frozen nn.Linear whose weight is kept in NF4. Computes in the input's dtype (or the
-    autocast dtype). The packed state is a plain attribute, not a buffer, so model.to(bf16)
-    cannot round its fp32 statistics; quantize on the device the model will run on."""
+    """A frozen nn.Linear whose weight is kept in NF4 and dequantized at every call, in the input's
+    dtype (autocast then computes the product in its own). The packed state is a plain attribute,
+    not a buffer, so model.to(bf16) cannot round its fp32 statistics; quantize on the device the
+    model will run on."""
 
     def __init__(self, linear, blocksize=64, double_quant=True):
         super().__init__()
@@ -194,10 +145,8 @@ class NF4Linear(nn.Module):
         self.nf4 = quantize_nf4(linear.weight, blocksize, double_quant)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
-    def forward(self, x):
-        dtype = matmul_dtype(x)
-        y = NF4Matmul.apply(x.to(dtype), self.nf4)
-        return y if self.bias is None else y + self.bias.to(dtype)
+    def forward(self, x):                                                  # (..., in)
+        return F.linear(x, dequantize_nf4(self.nf4, x.dtype), self.bias)     # (..., out)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"

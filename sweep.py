@@ -31,7 +31,7 @@ import sys
 import time
 
 import data
-from config import KEYS, ConfigError, exit_on_config_error, load_config, split_cli, unknown_key_error
+from config import EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, load_config, script, split_cli, unknown_key_error
 from plot import write_svg_chart
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -143,8 +143,7 @@ def run_train(config, overrides, out_dir, log=print):
     if interrupted or returncode < 0 or returncode == 130 or (returncode == 0 and not finished_export(out_dir)):
         log(f"interrupted after {seconds:.0f} s; run the same command again to resume")
         return None
-    status = "done" if returncode == 0 else \
-        "diverged" if any(line.startswith("stopped at step") and "loss is" in line for line in lines) else "failed"
+    status = {EXIT_OK: "done", EXIT_NON_FINITE: "diverged"}.get(returncode, "failed")  # train.py's exit codes
     record = dict(status=status, seconds=round(seconds, 1), returncode=returncode,
                   command=" ".join(["python", "train.py"] + command[2:]),
                   error=next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
@@ -244,7 +243,7 @@ def parse_args(argv):
     return config, flags["grid"], flags["limit_runs"], overrides
 
 
-@exit_on_config_error
+@script
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config, grid, limit, overrides = parse_args(argv)

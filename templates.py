@@ -20,11 +20,13 @@ import re
 
 import numpy as np
 
+from config import UserError
+
 IGNORE = -100  # label of a position where no loss is taken (PyTorch's cross-entropy ignore_index)
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data. str(e) is one line naming the place ('file:line: reason') once data.py adds
     it; kind is the short reason under which a skipped example is counted ('unknown role', ...)."""
 

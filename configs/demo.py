@@ -1,7 +1,7 @@
 # The README's main job: teach SmolLM2-135M-Instruct to turn a customer message into a fixed
 # JSON record (category, urgency, product, order_id, sentiment), with LoRA, on a laptop CPU.
 #   python train.py --config configs/demo.py          then   python eval.py --config configs/demo.py --adapter runs/demo/adapter
-model = "models/SmolLM2-135M-Instruct"
+model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # fetched into models/ when absent
 train_data = ["data/demo/train.jsonl"]       # made by tools/make_demo_data.py
 val_data = "data/demo/val.jsonl"
 test_data = "data/demo/test.jsonl"

@@ -1,5 +1,5 @@
 # A tiny random model on the bundled example files: a smoke test of the whole pipeline in
-# seconds (make the model first: python tools/make_tiny_model.py).
+# seconds. models/tiny is made when absent (python tools/get_model.py tiny).
 model = "models/tiny"
 train_data = ["data/examples/messages.jsonl", "data/examples/alpaca.jsonl"]
 val_fraction = 0.2

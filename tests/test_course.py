@@ -1,4 +1,4 @@
-"""The course (docs/course/) cannot rot: every lesson's command runs (in reduced form), every link
+"""The course (course/) cannot rot: every lesson's command runs (in reduced form), every link
 into the code points at the code it names, every number a lesson quotes is in its results file,
 and every test that docs/pitfalls.md cites exists. Plus NEFTune, the noise lesson 8 measures."""
 import glob
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "course"))
 import course_links  # noqa: E402
 
-LESSONS = sorted(glob.glob(os.path.join(ROOT, "docs", "course", "[0-9][0-9]_*.md")))
+LESSONS = sorted(glob.glob(os.path.join(ROOT, "course", "[0-9][0-9]_*.md")))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: a second thread only adds contention
 
 
@@ -32,9 +32,9 @@ def read(path):
 
 
 def lesson_command(path):
-    """The lesson's one command: a line `python tools/course.py N` in a code block."""
-    found = re.findall(r"^python tools/course\.py (\d+)\s*$", read(path), re.M)
-    assert len(found) == 1, f"{path}: expected one line `python tools/course.py N`, found {found}"
+    """The lesson's one command: a line `python course/course.py N` in a code block."""
+    found = re.findall(r"^python course/course\.py (\d+)\s*$", read(path), re.M)
+    assert len(found) == 1, f"{path}: expected one line `python course/course.py N`, found {found}"
     return found[0]
 
 
@@ -47,12 +47,12 @@ def test_there_are_ten_lessons_each_with_the_command_of_its_number():
 def test_lesson_command_runs_in_reduced_form(path, course_dirs):
     runs, results = course_dirs
     n = lesson_command(path)
-    proc = subprocess.run([sys.executable, "tools/course.py", n, "--quick", "--runs_dir", runs,
+    proc = subprocess.run([sys.executable, "course/course.py", n, "--quick", "--runs_dir", runs,
                            "--results_dir", results], cwd=ROOT, capture_output=True, text=True,
                           env=ENV, timeout=900)
-    assert proc.returncode == 0, f"python tools/course.py {n} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"python course/course.py {n} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     written = glob.glob(os.path.join(results, f"{int(n):02d}_*.md"))
-    assert len(written) == 1 and f"Produced by `python tools/course.py {n}`" in read(written[0])
+    assert len(written) == 1 and f"Produced by `python course/course.py {n}`" in read(written[0])
 
 
 def test_every_link_from_the_course_into_the_code_points_at_the_code_it_names():
@@ -80,13 +80,13 @@ NOT_YET_MEASURED = set()
 
 
 @pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="not measured yet: python tools/course.py N"))
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="not measured yet: python course/course.py N"))
     if os.path.basename(p)[:-3] in NOT_YET_MEASURED else p for p in LESSONS], ids=lambda p: os.path.basename(p)[:-3])
 def test_every_table_row_of_a_lesson_is_in_its_committed_results(path):
     text = read(path)
     assert "TODO" not in text, f"{path}: unmeasured numbers (TODO) left"
-    results = os.path.join(ROOT, "docs", "course", "results", os.path.basename(path))
-    assert os.path.exists(results), f"{results}: missing (python tools/course.py {lesson_command(path)})"
+    results = os.path.join(ROOT, "course", "results", os.path.basename(path))
+    assert os.path.exists(results), f"{results}: missing (python course/course.py {lesson_command(path)})"
     assert f"results/{os.path.basename(path)}" in text, f"{path} does not link to its results file"
     measured = read(results)
     section = text[text.index("## What we measured"):]  # the measurements (earlier tables are prose)
@@ -102,7 +102,7 @@ def test_every_test_that_the_pitfalls_page_cites_exists():
 
 
 def test_course_data_files_are_what_the_tool_writes(tmp_path):
-    subprocess.run([sys.executable, "tools/make_course_data.py", "--out", str(tmp_path)], cwd=ROOT,
+    subprocess.run([sys.executable, "course/make_course_data.py", "--out", str(tmp_path)], cwd=ROOT,
                    check=True, capture_output=True)
     for path in sorted(glob.glob(str(tmp_path / "*.jsonl"))):
         assert read(path) == read(os.path.join(ROOT, "data", "course", os.path.basename(path))), path

@@ -331,16 +331,49 @@ def closed_port_url():
 
 
 @pytest.mark.parametrize("case", ["missing repo", "server down", "missing gguf file"])
-def test_cli_prints_a_one_line_error_and_fails(hub, tmp_path, case):
+def test_cli_prints_a_one_line_error_and_exits_2(hub, tmp_path, case):
     args = {"missing repo": ["nobody/nothing", "--endpoint", hub.url],
             "server down": ["tiny/llama", "--endpoint", closed_port_url()],
             "missing gguf file": ["--gguf", str(tmp_path / "absent.gguf")]}[case]
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "get_model.py"), *args,
                           "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0
+    assert run.returncode == 2
     assert "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("get_model: "), run.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: get_model: "), run.stderr
+
+
+def run_train_in(cwd, model, *args, env=None):
+    """train.py run from another folder (so that models/ is cwd's), one step on the example data."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+                           f"--model={model}", f"--train_data={ROOT / 'data' / 'examples' / 'messages.jsonl'}",
+                           "--max_steps=1", "--eval_every=0", "--out_dir=run", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_train_fetches_a_model_named_by_its_hub_id_into_models(hub, tmp_path):
+    run = run_train_in(tmp_path, "tiny/llama", env={"HF_ENDPOINT": hub.url})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "models" / "llama" / "model.safetensors").is_file()
+    assert json.load(open(tmp_path / "run" / "config.json"))["model"] == os.path.join("models", "llama")
+    again = run_train_in(tmp_path, "tiny/llama", "--out_dir=run2", env={"HF_ENDPOINT": closed_port_url()})
+    assert again.returncode == 0, again.stderr[-2000:]  # present now: no download
+
+
+def test_train_makes_models_tiny_when_it_is_absent(tmp_path, real_model_dir):
+    (tmp_path / "models").mkdir()
+    os.symlink(real_model_dir, tmp_path / "models" / "SmolLM2-135M-Instruct")  # its tokenizer, offline
+    run = run_train_in(tmp_path, "models/tiny")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "models" / "tiny" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name, message", [("no/such-model", "could not be fetched"),
+                                           ("not a model", "no such folder")])
+def test_train_names_a_model_it_cannot_get_in_one_line_and_exits_2(hub, tmp_path, name, message):
+    run = run_train_in(tmp_path, name, env={"HF_ENDPOINT": hub.url})
+    assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in run.stderr
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""loss.py: the chunked masked cross-entropy equals the plain full-logits one (values and gradients),
-normalizes per token over the whole optimizer step, never lets a masked position or an empty
-micro-batch leak in, and uses less memory than materializing the logits."""
+"""loss.py: the plain losses and their fused twins equal an independent full-logits computation
+(values and gradients), normalize per token over the whole optimizer step, never let a masked position
+or an empty micro-batch leak in; the fused twins use less memory than materializing the logits."""
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -10,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import loss
 import model as model_lib
-import ops
 from conftest import ROOT, save_tiny_model
 
 
@@ -42,67 +42,86 @@ def grads(loss_value, *tensors):
     return torch.autograd.grad(loss_value, tensors)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy(chunk_size):
+# The plain loss and its fused twin (4 rows a chunk, so that the problems below take several chunks)
+CROSS_ENTROPY = {"plain": loss.masked_cross_entropy,
+                 "fused": functools.partial(loss.fused_cross_entropy, chunk_size=4)}
+DISTILLATION = {"plain": loss.distillation_loss,
+                "fused": functools.partial(loss.fused_distillation_loss, chunk_size=4)}
+both = pytest.mark.parametrize("kind", ["plain", "fused"])
+
+
+@both
+def test_loss_and_gradients_equal_full_logits_cross_entropy(kind):
     hidden, weight, targets = random_problem()
-    ours = loss.masked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    ours = CROSS_ENTROPY[kind](hidden, weight, targets)
     reference = full_logits_loss(hidden, weight, targets)
     assert torch.allclose(ours, reference, rtol=1e-12)
     for g_ours, g_ref in zip(grads(ours, hidden, weight), grads(reference, hidden, weight)):
         assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_loss_is_a_sum_over_trained_tokens_not_a_mean():
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_fused_loss_is_the_same_for_any_chunk_size(chunk_size):
+    hidden, weight, targets = random_problem()
+    ours = loss.fused_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    reference = full_logits_loss(hidden, weight, targets)
+    assert torch.allclose(ours, reference, rtol=1e-12)
+    for g_ours, g_ref in zip(grads(ours, hidden, weight), grads(reference, hidden, weight)):
+        assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@both
+def test_loss_is_a_sum_over_trained_tokens_not_a_mean(kind):
     hidden, weight, targets = random_problem()
     per_token = F.cross_entropy((hidden @ weight.t()).reshape(-1, 50), targets.reshape(-1),
                                 reduction="none", ignore_index=-100)
-    assert torch.allclose(loss.masked_cross_entropy(hidden, weight, targets), per_token.sum())
+    assert torch.allclose(CROSS_ENTROPY[kind](hidden, weight, targets), per_token.sum())
 
 
-def test_masked_positions_never_contribute_to_loss_or_gradient():
+@both
+def test_masked_positions_never_contribute_to_loss_or_gradient(kind):
     hidden, weight, targets = random_problem()
-    base = loss.masked_cross_entropy(hidden, weight, targets)
+    base = CROSS_ENTROPY[kind](hidden, weight, targets)
     g_hidden, = grads(base, hidden)
     masked = targets == -100
     assert masked.any() and (g_hidden[masked] == 0).all()
     changed = hidden.detach().clone()
     changed[masked] = 1e3 * torch.randn_like(changed[masked])  # garbage where nothing is trained
-    assert loss.masked_cross_entropy(changed, weight, targets).item() == pytest.approx(base.item(), rel=1e-12)
+    assert CROSS_ENTROPY[kind](changed, weight, targets).item() == pytest.approx(base.item(), rel=1e-12)
 
 
-def test_all_masked_micro_batch_gives_zero_loss_and_zero_gradient_not_nan():
+@both
+def test_all_masked_micro_batch_gives_zero_loss_and_zero_gradient_not_nan(kind):
     hidden, weight, _ = random_problem()
     targets = torch.full(hidden.shape[:2], -100)
-    value = loss.masked_cross_entropy(hidden, weight, targets)
+    value = CROSS_ENTROPY[kind](hidden, weight, targets)
     g_hidden, g_weight = grads(value / 7, hidden, weight)  # divided by the step's count, as train.py does
     assert value.item() == 0.0 and torch.isfinite(value)
     assert (g_hidden == 0).all() and (g_weight == 0).all()
 
 
-def test_frozen_output_weight_gets_no_gradient_and_hidden_gradient_is_unchanged():
+@both
+def test_frozen_output_weight_gets_no_gradient_and_hidden_gradient_is_unchanged(kind):
     hidden, weight, targets = random_problem()
     frozen = weight.detach()
-    value = loss.masked_cross_entropy(hidden, frozen, targets)
+    value = CROSS_ENTROPY[kind](hidden, frozen, targets)
     value.backward()
     assert frozen.grad is None
     g_ref, = grads(full_logits_loss(hidden, weight, targets), hidden)
     assert torch.allclose(hidden.grad, g_ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("slow_bf16_gemm", [False, True])
-def test_bf16_hidden_states_give_logits_from_bf16_values_and_an_fp32_loss(monkeypatch, slow_bf16_gemm):
-    """Under autocast the logits are products of bf16 values, as the lm_head would compute them
-    there: a bf16 matmul (logits rounded to bf16), or, where that kernel is slower than fp32's
-    (ops.bf16_gemm_is_slow), the fp32 kernel on the same values (logits not rounded). Softmax and
-    the loss are fp32, so the result is PyTorch's cross-entropy on those logits."""
-    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: slow_bf16_gemm)
+@both
+def test_bf16_hidden_states_give_logits_from_bf16_values_and_an_fp32_loss(kind):
+    """Under autocast the logits are products of bf16 values, as the lm_head computes them there
+    (a bf16 matmul: fp32 sums, rounded to bf16); softmax and the loss are fp32."""
     hidden, weight, targets = random_problem(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h16 = hidden.to(torch.bfloat16)
-        value = loss.masked_cross_entropy(h16, weight, targets)
+        value = CROSS_ENTROPY[kind](h16, weight, targets)
     assert value.dtype == torch.float32
     w16 = weight.to(torch.bfloat16)
-    logits = h16.float() @ w16.float().t() if slow_bf16_gemm else (h16 @ w16.t()).float()
+    logits = (h16 @ w16.t()).float()
     reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                 reduction="sum", ignore_index=-100)
     assert value.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -111,64 +130,21 @@ def test_bf16_hidden_states_give_logits_from_bf16_values_and_an_fp32_loss(monkey
     assert g_h16.dtype == torch.bfloat16
 
 
-def test_slices_of_the_output_weight_give_the_loss_and_gradients_of_one_product(monkeypatch):
-    """Where bf16 products run on the fp32 kernel, W is cast and multiplied a slice of rows at a
-    time (loss.W_SLICE; 7 here, which does not divide V = 50): the result is the same."""
-    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: True)
-    hidden, weight, targets = random_problem(dtype=torch.float32)
-    h16, w16 = hidden.to(torch.bfloat16).detach().requires_grad_(), weight.to(torch.bfloat16)
-    results = []
-    for rows in (10 ** 9, 7):
-        monkeypatch.setattr(loss, "W_SLICE", rows)
-        value = loss.masked_cross_entropy(h16, w16, targets)
-        results.append((value, *grads(value, h16)))
-    (one, g_one), (sliced, g_sliced) = results
-    torch.testing.assert_close(sliced, one, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(g_sliced, g_one, rtol=1e-2, atol=1e-3)  # one bf16 rounding apart at most
-
-
-def test_sliced_products_never_make_an_fp32_copy_of_the_whole_output_weight(monkeypatch):
-    monkeypatch.setattr(ops, "bf16_gemm_is_slow", lambda device: True)
-    monkeypatch.setattr(loss, "W_SLICE", 16)
-    hidden, weight, targets = random_problem(dtype=torch.float32)
-    h16 = hidden.to(torch.bfloat16).detach().requires_grad_()
-    w16 = weight.to(torch.bfloat16).detach()  # frozen, as under LoRA (a trained W gets an fp32 gradient)
-    with TensorSizes() as sizes:
-        loss.masked_cross_entropy(h16, w16, targets).backward()
-    fp32 = [shape for shape, dtype in sizes.outputs if dtype == torch.float32]
-    assert tuple(w16.shape) not in fp32
-    assert (16, w16.shape[1]) in fp32  # the slices
-
-
-class TensorSizes(TorchDispatchMode):
-    """Records (shape, dtype) of every tensor an operation returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.outputs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.outputs.append((tuple(t.shape), t.dtype))
-        return out
-
-
-def test_target_outside_the_vocabulary_is_a_clear_error():
+@both
+def test_target_outside_the_vocabulary_is_a_clear_error(kind):
     hidden, weight, targets = random_problem()
     targets[0, 5] = 50
     with pytest.raises(ValueError, match="token id 50, outside the vocabulary"):
-        loss.masked_cross_entropy(hidden, weight, targets)
+        CROSS_ENTROPY[kind](hidden, weight, targets)
 
 
+@both
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_distillation_kl_equals_full_logits_kl_at_the_chosen_positions(temperature):
+def test_distillation_kl_equals_full_logits_kl_at_the_chosen_positions(kind, temperature):
     hidden, weight, targets = random_problem()
     teacher_hidden, teacher_weight = torch.randn(3, 9, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
     m = targets == -100  # the prompt positions, as train.py's distill_on = "prompt"
-    ours = loss.distillation_loss(hidden, weight, teacher_hidden, teacher_weight, m, chunk_size=4,
-                                temperature=temperature)
+    ours = DISTILLATION[kind](hidden, weight, teacher_hidden, teacher_weight, m, temperature=temperature)
     log_q = F.log_softmax((hidden @ weight.t())[m] / temperature, -1)
     log_p = F.log_softmax((teacher_hidden @ teacher_weight.t())[m] / temperature, -1)
     reference = F.kl_div(log_q, log_p, log_target=True, reduction="sum") * temperature ** 2
@@ -177,9 +153,10 @@ def test_distillation_kl_equals_full_logits_kl_at_the_chosen_positions(temperatu
         assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_distillation_to_itself_is_zero():
+@both
+def test_distillation_to_itself_is_zero(kind):
     hidden, weight, targets = random_problem()
-    value = loss.distillation_loss(hidden, weight, hidden.detach(), weight.detach(), targets != -100)
+    value = DISTILLATION[kind](hidden, weight, hidden.detach(), weight.detach(), targets != -100)
     assert abs(value.item()) < 1e-10
 
 
@@ -243,10 +220,15 @@ def test_micro_batch_without_trained_tokens_leaves_gradients_finite_and_unchange
     assert torch.allclose(with_empty, without, rtol=1e-12, atol=0)
 
 
-def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_model):
+@pytest.mark.parametrize("kernels", ["plain", "fast"])
+def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_model, kernels):
+    import train
+    from types import SimpleNamespace
     examples = random_examples([40, 6, 7])
     batches = [data.collate(examples, [[0]], 64, 0), data.collate(examples, [[1], [2]], 64, 0)]
-    mean, count = loss.validation_loss(tiny_model, batches)
+    run = SimpleNamespace(model=tiny_model, val_batches=batches, rank=0, world=1, device=torch.device("cpu"),
+                          autocast=contextlib.nullcontext(), cfg=SimpleNamespace(kernels=kernels))
+    mean, count = train.validate(run), sum(b["n_trained"] for b in batches)
     per_batch = []
     with torch.no_grad():
         for b in batches:
@@ -260,7 +242,7 @@ def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_model)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Memory: the chunked loss never holds the (N, V) logits
+# Memory: the fused loss never holds the (N, V) logits
 
 
 MEMORY_SCRIPT = r"""
@@ -283,13 +265,13 @@ torch.manual_seed(0)
 hidden = torch.randn(1, N, C, requires_grad=True)
 weight = torch.randn(V, C, requires_grad=True)
 targets = torch.randint(0, V, (1, N))
-chunked = peak_added(lambda: loss.masked_cross_entropy(hidden, weight, targets, chunk_size=256).backward())
+chunked = peak_added(lambda: loss.fused_cross_entropy(hidden, weight, targets, chunk_size=256).backward())
 full = peak_added(lambda: F.cross_entropy(hidden[0] @ weight.t(), targets[0], reduction="sum").backward())
 print(json.dumps({"chunked": chunked, "full": full, "logits": N * V * 4}))
 """
 
 
-def test_chunked_loss_peak_memory_is_lower_than_full_logits():
+def test_fused_loss_peak_memory_is_lower_than_full_logits():
     """Peak resident memory added by forward + backward (Linux VmHWM, reset between the two runs),
     measured in a fresh process; large allocations are mmapped (MALLOC_MMAP_THRESHOLD_) so that freed
     memory leaves the resident set. Prints both numbers (run pytest with -s to see them)."""

@@ -75,7 +75,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_m
     assert not os.path.exists(os.path.join(out, "adapter"))  # no final export of a broken run
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_with_130(tiny_model, tmp_path):
     out = str(tmp_path / "interrupted")
     proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, f"--out_dir={out}",
                              "--max_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -86,7 +86,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "interrupted" in stdout
+    assert proc.returncode == 130 and "interrupted; continue with --resume" in stdout
     step = json.load(open(os.path.join(out, "ckpt", open(os.path.join(out, "ckpt", "latest")).read(),
                                        "state.json")))["step"]
     assert step == metrics(out)[-1]["step"] >= 1
@@ -98,10 +98,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
     (["--train_data=data/nope.jsonl"], "data/nope.jsonl: file not found"),
     (["--method=prompt_tuning"], "method"),
 ])
-def test_config_errors_are_one_line_exit_nonzero_and_write_nothing(tiny_model, tmp_path, args, message):
+def test_config_errors_are_one_line_exit_2_and_write_nothing(tiny_model, tmp_path, args, message):
     out = str(tmp_path / "never")
     proc = run_train(args, out, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
     assert not os.path.exists(out)
 
@@ -128,7 +128,7 @@ def test_a_second_run_into_a_folder_with_a_checkpoint_is_refused(tiny_model, tmp
     out = str(tmp_path / "run")
     run_train(["--max_steps=1"], out)
     proc = run_train(["--max_steps=1"], out, check=False)
-    assert proc.returncode != 0 and "--resume" in proc.stderr
+    assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
 def test_demo_config_runs_end_to_end_on_the_real_model_and_its_adapter_loads(real_model_dir, tmp_path):

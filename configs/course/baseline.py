@@ -1,10 +1,10 @@
-# The course's baseline run (docs/course/): LoRA on the demo task (customer message -> JSON ticket),
+# The course's baseline run (course/): LoRA on the demo task (customer message -> JSON ticket),
 # sized to a few minutes on a 2-core laptop CPU. Lessons change one key at a time on the command
 # line (--method=full, --template=alpaca, --train_data=...), so every difference is visible.
 #   python train.py --config configs/course/baseline.py
 model = "models/SmolLM2-135M-Instruct"
 train_data = ["data/demo/train.jsonl"]      # 2,400 examples (tools/make_demo_data.py)
-val_data = "data/course/val_100.jsonl"      # 100 held-out examples (tools/make_course_data.py)
+val_data = "data/course/val_100.jsonl"      # 100 held-out examples (course/make_course_data.py)
 test_data = "data/demo/test.jsonl"          # for eval.py
 out_dir = "runs/course/baseline"
 method = "lora"

@@ -1,0 +1,343 @@
+"""Training-step speed and memory: ours, and (with --compare-hf) transformers + PEFT (+ bitsandbytes).
+
+    python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --batch 4 --seq 256 --compare-hf
+    python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --kernels plain   # no fast layer
+    python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --off block       # one piece off
+    python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --profile   # where the time goes
+
+Both sides train on the same random tokens (labels -100 on the first half of each row, so half
+the tokens are trained), LoRA r=16 alpha=32 on all linear layers of the blocks, AdamW, in the
+dtype train.py's `dtype = "auto"` picks on this machine (or --dtype): fp32, or bf16 compute (frozen
+weights in bf16, trainable ones in fp32, autocast). `--kernels plain` runs our model without the
+fast layer (fast.py) and with the plain loss; `--off` names pieces of it to leave out (rmsnorm,
+mlp, block, lora, nf4, and loss: the fused loss of loss.py). Each side runs in its own
+child process so that each one's peak memory is its own: peak RSS on CPU, max_memory_allocated
+on CUDA. A step = forward + loss + backward + optimizer step; each side runs `--warmup` steps,
+then we time `--steps` steps of each and report the medians. The two sides' timed steps
+alternate (ours, theirs, ours, ...; only one runs at a time), so that both run through the same
+spells of a shared machine. That narrows the spread of the ratio but does not remove it, as the
+two sides do not slow down alike: on this project's 2-core VM, the same LoRA command gave
+1.84x to 2.11x in four runs of one afternoon.
+
+FLOPs per step are counted from the shapes (a matmul of (m, k) by (k, n) is 2mkn):
+  forward    2 * tokens * (parameters of the block linears) + attention + the head on trained tokens
+  backward   the same again for the input gradients, and once more for the weight gradients of
+             trained matrices (full fine-tuning: all of them; LoRA: only the tiny A and B)
+MFU is achieved FLOP/s over the measured peak of a large matmul in the compute dtype on this
+machine (not a datasheet number). The first line printed names the CPU and whether it has AMX
+(Intel's matrix tiles, which make bf16 several times faster than fp32 on a CPU).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PIECES = ["rmsnorm", "mlp", "block", "lora", "nf4", "loss"]  # fast.PIECES and loss.py's fused loss
+
+
+def matmul_peak_flops(dtype, device, n=2048, repeat=10):
+    """FLOP/s of an n x n x n matmul, the best of `repeat` after warm-up."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for i in range(repeat + 2):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def machine_name(device):
+    """The GPU's name, or the CPU's model name and whether it has AMX (Linux: /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "CPU (unknown model)"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    return f"{name}, {os.cpu_count()} cores, {'with' if ' amx_tile' in info else 'without'} AMX"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(cfg, method, batch, seq, n_trained, rank=16):
+    """FLOPs of one training step, from the model's shapes (see the module docstring)."""
+    C, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    d = cfg.get("head_dim") or C // heads
+    block_params = L * (C * heads * d + 2 * C * kv * d + heads * d * C + 3 * C * I)
+    tokens = batch * seq
+    attention = L * 2 * 2 * batch * seq * seq * heads * d / 2  # q k^T and p v, causal half
+    head = 2 * n_trained * V * C
+    forward = 2 * tokens * block_params + attention + head
+    input_grads = forward
+    if method == "full":
+        weight_grads = 2 * tokens * block_params + head
+    else:  # LoRA A (r, in) and B (out, r) on the 7 linears of each block
+        lora_params = L * rank * (C + heads * d + 2 * (C + kv * d) + heads * d + C + 2 * (C + I) + I + C)
+        weight_grads = 2 * tokens * lora_params
+    return forward + input_grads + weight_grads
+
+
+def make_inputs(vocab, batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100  # train on the second half of each row
+    return ids, labels
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# The two sides, each run in a child process: `python bench/bench.py --child ours|hf ...`
+
+
+def run_ours(args, device):
+    import fast
+    import lora
+    from loss import fused_cross_entropy, masked_cross_entropy
+    from model import load_model
+    from train import adamw_init, adamw_step
+
+    bf16 = args.dtype == "bfloat16"
+    model = load_model(args.model, dtype=torch.bfloat16 if bf16 and args.method != "full" else torch.float32,
+                       device=device)
+    lora.prepare_model(model, args.method, lora_rank=16, lora_alpha=32.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    off = [piece for piece in args.off.split(",") if piece]
+    if args.kernels == "fast":
+        fast.accelerate(model, skip=off)
+    cross_entropy = fused_cross_entropy if args.kernels == "fast" and "loss" not in off else masked_cross_entropy
+    model.grad_checkpointing = args.grad_checkpointing
+    net = torch.compile(model) if args.compile else model
+    state = adamw_init(params)
+    ids, labels = make_inputs(model.config.vocab_size, args.batch, args.seq)
+    ids, labels = ids.to(device), labels.to(device)
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
+    n_trained = int((targets != -100).sum())
+    model.train()
+    counter = [0]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = net(ids, return_hidden=True)
+            loss = cross_entropy(hidden, model.lm_head.weight, targets) / n_trained
+        loss.backward()
+        counter[0] += 1
+        adamw_step(params, state, counter[0], 1e-4, (0.9, 0.999), 1e-8, 0.0)
+        for p in params:
+            p.grad = None
+
+    return step, n_trained
+
+
+def run_hf(args, device):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    bf16 = args.dtype == "bfloat16"
+    kwargs = {"dtype": torch.bfloat16 if bf16 and args.method != "full" else torch.float32,
+              "device_map": str(device)}
+    if args.method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.method in ("lora", "qlora"):
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = make_inputs(model.config.vocab_size, args.batch, args.seq)
+    ids, labels = ids.to(device), labels.to(device)
+    model.train()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, int((labels[:, 1:] != -100).sum())
+
+
+def child(args):
+    """One side: build, warm up, then time one step each time the parent writes "step"."""
+    device = torch.device(args.device)
+    step, n_trained = (run_ours if args.child == "ours" else run_hf)(args, device)
+    for _ in range(args.warmup):
+        step()
+    print("BENCH", json.dumps(dict(n_trained=n_trained)), flush=True)  # ready
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        print("BENCH", json.dumps(time.perf_counter() - t), flush=True)
+    print("BENCH", json.dumps(peak_memory(device)), flush=True)
+
+
+def profile_ours(args, rows=25):
+    """Where our step's time goes (profile before optimizing): one step after warm-up under
+    torch.profiler, the operations by their own time, grouped by input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    step, _ = run_ours(args, device)
+    for _ in range(args.warmup):
+        step()
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        step()
+        sync(device)
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
+        max_name_column_width=50, max_shapes_column_width=60))
+
+
+class Child:
+    """A side in its own process (`python bench/bench.py --child ours|hf ...`), talking by lines that
+    start with BENCH on its stdout; its stderr goes to a file, shown if it fails."""
+
+    def __init__(self, side, args):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", side] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("child", "compare_hf", "json") and v is not None and not isinstance(v, bool)]
+        cmd += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                if isinstance(v, bool) and v and k not in ("compare_hf", "json", "profile")]
+        self.side, self.stderr = side, tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.n_trained = self.answer()["n_trained"]
+
+    def answer(self):
+        for line in self.proc.stdout:
+            if line.startswith("BENCH "):
+                return json.loads(line[len("BENCH "):])
+        self.proc.wait()
+        self.stderr.seek(0)
+        sys.exit(f"bench: the {self.side} side failed:\n{self.stderr.read()[-3000:]}")
+
+    def timed_step(self):
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def peak_memory(self):
+        self.proc.stdin.close()  # end of input: the child reports its peak and exits
+        peak = self.answer()
+        self.proc.wait()
+        return peak
+
+
+def time_sides(sides, steps):
+    """Median step time of each side, their timed steps alternating."""
+    times = {side: [] for side in sides}
+    for _ in range(steps):
+        for side, child in sides.items():
+            times[side].append(child.timed_step())
+    return {side: statistics.median(t) for side, t in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="bfloat16: frozen weights in bf16 + autocast; float32: everything fp32; auto: "
+                        "what train.py picks here")
+    p.add_argument("--kernels", choices=["fast", "plain"], default="fast", help="our model with or without fast.py")
+    p.add_argument("--off", default="", help="pieces of the fast layer to leave out: " + ", ".join(PIECES))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers + PEFT")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: profile one of our steps, print the costliest operations")
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    unknown = sorted(set(filter(None, args.off.split(","))) - set(PIECES))
+    if unknown:
+        p.error(f"--off {','.join(unknown)}: not a piece of the fast layer ({', '.join(PIECES)})")
+    if args.child:
+        return child(args)
+    if args.profile:
+        return profile_ours(args)
+
+    device = torch.device(args.device)
+    if args.dtype == "auto":  # resolved once here, so that both sides run in the same dtype
+        from config import Config, resolve_hardware
+        args.dtype = resolve_hardware(Config(dtype="auto", device=args.device))[1]
+    with open(os.path.join(args.model, "config.json")) as f:
+        cfg = json.load(f)
+    peak = matmul_peak_flops(getattr(torch, args.dtype), device)
+    tokens = args.batch * args.seq
+    sides = {"ours": Child("ours", args)}
+    if args.compare_hf:
+        sides["hf"] = Child("hf", args)
+    median = time_sides(sides, args.steps)
+    peaks = {side: child.peak_memory() for side, child in sides.items()}
+    flops = step_flops(cfg, args.method, args.batch, args.seq, sides["ours"].n_trained)
+    result = dict(method=args.method, batch=args.batch, seq=args.seq, device=str(device), dtype=args.dtype,
+                  machine=machine_name(device), kernels=args.kernels, off=args.off,
+                  tokens_per_s=tokens / median["ours"], step_s=median["ours"],
+                  peak_mem_bytes=peaks["ours"], flops_per_step=flops,
+                  achieved_flops=flops / median["ours"], matmul_peak_flops=peak,
+                  mfu=flops / median["ours"] / peak)
+    print(f"machine: {machine_name(device)}; {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
+    print(f"{args.method}, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, kernels {args.kernels}"
+          f"{' without ' + args.off if args.off else ''}, median of {args.steps} steps"
+          f"{' each, alternating with theirs' if args.compare_hf else ''}")
+    print(f"  ours: {result['tokens_per_s']:8.1f} tokens/s  {result['step_s']:6.2f} s/step  "
+          f"peak {result['peak_mem_bytes'] / 2**30:.2f} GiB  "
+          f"{result['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {100 * result['mfu']:.0f}%")
+    if args.compare_hf:
+        result.update(hf_tokens_per_s=tokens / median["hf"], hf_step_s=median["hf"],
+                      hf_peak_mem_bytes=peaks["hf"])
+        result.update(speedup=result["tokens_per_s"] / result["hf_tokens_per_s"],
+                      memory_ratio=result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
+        print(f"  hf:   {result['hf_tokens_per_s']:8.1f} tokens/s  {result['hf_step_s']:6.2f} s/step  "
+              f"peak {result['hf_peak_mem_bytes'] / 2**30:.2f} GiB  (transformers + peft"
+              f"{' + bitsandbytes' if args.method == 'qlora' else ''})")
+        print(f"  ours / hf: {result['speedup']:.2f}x the speed, {result['memory_ratio']:.2f}x the peak memory")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
