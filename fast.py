@@ -8,15 +8,19 @@ their fast twins, and accelerate(model) swaps them in, the way apply_lora swaps 
 
 Each twin is a subclass with the same parameters and names, so state dicts, adapters and checkpoints
 do not change; only forward, and what autograd keeps for backward, differ. The twins compute what the
-plain modules compute (tests/test_fast.py: the same loss and gradients, plain against fast). The fifth
+plain modules compute (tests/test_fast.py: the same loss and gradients, plain against fast). One more
 piece, the fused loss, lives beside the plain loss in loss.py.
 
 Why they help: on a small model the activations that autograd keeps for backward, not the weights,
 decide the peak memory of a LoRA step, and plain autograd keeps more than the gradient formulas need.
+Short-lived temporaries count too on a CPU: freed between tensors that live until backward, they leave
+holes in the C heap that later, larger tensors do not fit, and the peak resident memory grows.
 
-    rmsnorm   RMSNorm with its backward written out: keeps x and one number per token
+    rmsnorm   RMSNorm with its backward written out: keeps x and one number per token, and makes
+              no (..., C) temporaries
     mlp       SwiGLU with its backward written out (keeps gate and up, not silu(gate)), and its
               output recomputed in backward instead of kept by down_proj
+    attention RoPE with fewer temporaries
     block     the two norm outputs of a block recomputed in backward instead of kept by the
               projections that read them (selective recomputation)
     lora      the LoRA update added into the base output in place: no (..., out) temporaries
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lora import LoRALinear
-from model import MLP, Block, RMSNorm
+from model import MLP, Attention, Block, RMSNorm
 from nf4 import NF4_CODE, NF4Linear, nf4_absmax
 
 
@@ -51,8 +55,8 @@ def upcast(x):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """y = w * (x * r) with r = 1 / sqrt(mean(x^2) + eps) per token: model.RMSNorm's formula, the
-    same operations in the same order, so the same bits.
+    """y = w * (x * r) with r = 1 / sqrt(mean(x^2) + eps) per token: model.RMSNorm's formula (equal
+    up to the rounding of the sum of squares).
 
     Backward, with x_hat = x r and g = dL/dy:
         dL/dw = sum over tokens of g * x_hat
@@ -63,10 +67,11 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        # mean(x^2) as ||x||^2 / C, and x * r written straight into x's dtype: no (..., C) temporaries
         xf = upcast(x)
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)                  # (..., 1)
+        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow(2) / x.shape[-1] + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
+        return weight * torch.mul(xf, r, out=torch.empty_like(x))
 
     @staticmethod
     def backward(ctx, g):
@@ -166,7 +171,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)  # the product in place: one fewer (..., I) temporary
 
     @staticmethod
     def backward(ctx, g):
@@ -187,6 +192,22 @@ class FastMLP(MLP):
         h = swiglu(gate, up)
         with recompute_in_backward(h, swiglu, gate, up):  # down_proj keeps the recipe, not h
             return self.down_proj(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+def apply_rope(x, cos, sin):
+    """model.apply_rope, x cos + rotated sin, with the sum and one product made in place: two fewer
+    (B, H, T, d) temporaries."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos.to(x.dtype)).add_(rotated.mul_(sin.to(x.dtype)))
+
+
+class FastAttention(Attention):
+    rope = staticmethod(apply_rope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +306,8 @@ class FastNF4Linear(NF4Linear):
 
 # ---------------------------------------------------------------------------------------------
 
-PIECES = {"rmsnorm": (RMSNorm, FastRMSNorm), "mlp": (MLP, FastMLP), "block": (Block, FastBlock),
+PIECES = {"rmsnorm": (RMSNorm, FastRMSNorm), "mlp": (MLP, FastMLP), "attention": (Attention, FastAttention),
+          "block": (Block, FastBlock),
           "lora": (LoRALinear, FastLoRALinear), "nf4": (NF4Linear, FastNF4Linear)}
 
 

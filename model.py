@@ -194,6 +194,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    rope = staticmethod(apply_rope)  # fast.py's twin swaps in one with fewer temporaries
+
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -214,7 +216,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                          # (B, Hkv, S, d)
         # Grouped-query attention (Ainslie et al. 2023): each k/v head serves H/Hkv query heads.

@@ -339,9 +339,11 @@ def estimate_memory(model, cfg):
     tokens = cfg.batch_size * cfg.seq_len
     # per token and block, backward keeps roughly: the block input and the residual after
     # attention (2C), q, k, v and the attention output (2C + 2 kv), the MLP's gate and up (2I);
-    # with kernels = "fast" the norm outputs and silu(gate) * up are recomputed instead (fast.py).
-    kv = mc.num_key_value_heads * mc.head_dim
-    per_layer = mc.hidden_size if cfg.grad_checkpointing else 4 * mc.hidden_size + 2 * kv + 2 * mc.intermediate_size
+    # plain autograd also keeps the two norm outputs and silu(gate), silu(gate) * up (2C + 2I),
+    # which kernels = "fast" recomputes instead (fast.py).
+    C, I, kv = mc.hidden_size, mc.intermediate_size, mc.num_key_value_heads * mc.head_dim
+    per_layer = 4 * C + 2 * kv + 2 * I + (2 * C + 2 * I if cfg.kernels == "plain" else 0)
+    per_layer = C if cfg.grad_checkpointing else per_layer
     activations = tokens * mc.num_hidden_layers * per_layer * act_bytes
     return dict(weights=c["weight_bytes"], gradients=c["trainable"] * 4,
                 optimizer=c["trainable"] * 8, activations=activations)

@@ -10,7 +10,7 @@ the tokens are trained), LoRA r=16 alpha=32 on all linear layers of the blocks, 
 dtype train.py's `dtype = "auto"` picks on this machine (or --dtype): fp32, or bf16 compute (frozen
 weights in bf16, trainable ones in fp32, autocast). `--kernels plain` runs our model without the
 fast layer (fast.py) and with the plain loss; `--off` names pieces of it to leave out (rmsnorm,
-mlp, block, lora, nf4, and loss: the fused loss of loss.py). Each side runs in its own
+mlp, attention, block, lora, nf4, and loss: the fused loss of loss.py). Each side runs in its own
 child process so that each one's peak memory is its own: peak RSS on CPU, max_memory_allocated
 on CUDA. A step = forward + loss + backward + optimizer step; each side runs `--warmup` steps,
 then we time `--steps` steps of each and report the medians. The two sides' timed steps
@@ -40,7 +40,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-PIECES = ["rmsnorm", "mlp", "block", "lora", "nf4", "loss"]  # fast.PIECES and loss.py's fused loss
+PIECES = ["rmsnorm", "mlp", "attention", "block", "lora", "nf4", "loss"]  # fast.PIECES and loss.py's fused loss
 
 
 def matmul_peak_flops(dtype, device, n=2048, repeat=10):
