@@ -284,10 +284,10 @@ def fetch_model(name, models_dir="models"):
 def resolve_hardware(cfg, log=print):
     """(torch.device, "float32" | "bfloat16") with cfg.device and cfg.dtype "auto" resolved.
 
-    device auto: cuda if there is one. dtype auto: bfloat16 on a GPU that supports it; on a
-    CPU, whichever dtype multiplies matrices faster here, timed on the spot (a 1024^3 matmul,
-    a few ms). CPUs differ a lot: with AMX (Intel's matrix tiles) bf16 is several times fp32; with
-    AVX512-BF16 alone it is about half, and without any bf16 instructions it is emulated.
+    device auto: cuda if there is one. dtype auto: bfloat16 on a GPU that supports it; on a CPU,
+    whichever dtype multiplies matrices faster here, timed on the spot (1024^3 matmuls, a fraction
+    of a second). CPUs differ a lot: with AMX (Intel's matrix tiles) bf16 is several times fp32;
+    with AVX512-BF16 alone it is about half, and without any bf16 instructions it is emulated.
     """
     import time
     import torch
@@ -296,15 +296,16 @@ def resolve_hardware(cfg, log=print):
         return device, cfg.dtype
     if device.type == "cuda":
         return device, "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    best = {}
-    for name in ("float32", "bfloat16"):
-        a = torch.randn(1024, 1024, dtype=getattr(torch, name))
-        for _ in range(2):
+    # Five rounds, the two dtypes alternating, the best of each: a slow spell of a shared machine
+    # during one timing must not decide the dtype of the whole run.
+    matrices = {name: torch.randn(1024, 1024, dtype=getattr(torch, name)) for name in ("float32", "bfloat16")}
+    best = dict.fromkeys(matrices, 0.0)
+    for _ in range(5):
+        for name, a in matrices.items():
             a @ a  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
+            start = time.perf_counter()
             a @ a
-        best[name] = 3 * 2 * 1024 ** 3 / (time.perf_counter() - start)
+            best[name] = max(best[name], 2 * 1024 ** 3 / (time.perf_counter() - start))
     dtype = max(best, key=best.get)
     log(f"dtype auto -> {dtype} (matmul here: float32 {best['float32'] / 1e9:.0f}, "
         f"bfloat16 {best['bfloat16'] / 1e9:.0f} GFLOP/s)")
