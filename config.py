@@ -46,7 +46,7 @@ class Config:
     test_data: str = ""             # held-out set for eval.py
     val_fraction: float = 0.05
     data_format: str = "auto"       # auto | alpaca | messages | sharegpt | prompt_completion | text
-    template: str = "auto"          # auto | chatml | llama3 | llama2 | mistral | alpaca | plain
+    template: str = "auto"          # auto | jinja | a family in templates.py (chatml, llama3.1, qwen3, gemma, ...)
     train_on: str = "assistant"     # assistant | last | all
     seq_len: int = 512
     truncation: str = "truncate"    # truncate | drop: what to do with examples longer than seq_len

@@ -3,11 +3,14 @@
     format_chat(messages, "chatml")                    # the text, as the model's Jinja template writes it
     render(messages, tokenizer, train_on="assistant")  # ids of that whole text + labels, -100 = no loss
 
-One small function per template family (chatml, llama3, llama2, mistral, alpaca, plain), no Jinja. Each
-returns the text as pieces [(text, k)], k the index of the assistant message the piece answers (trained)
-or None (prompt). The rendered text must be exactly what the model's own chat template writes, because
-that is what inference engines feed the model; tests/test_templates.py checks each family against its
-published Jinja template with transformers' apply_chat_template.
+One small function per template family, no Jinja: chatml (SmolLM2, Qwen2, Qwen2.5), qwen3, llama3 (3.0),
+llama3.1 (3.1, 3.2, 3.3), llama2, mistral (v0.1), mistral-v3 (v0.3), mistral-v7 (Small 3, tekken), gemma
+(Gemma 3), alpaca, plain. Each returns the text as pieces [(text, k)], k the index of the assistant message
+the piece answers (trained) or None (prompt). The rendered text must be exactly what the model's own
+chat template writes, because that is what inference engines feed the model; tests/test_templates.py
+checks each family against its published Jinja template with transformers' apply_chat_template.
+Any other model: template = "jinja" renders its own chat_template with jinja2 (optional) and finds the
+answers in the text.
 
 Masks. The ids are the tokenization of the WHOLE text, as an engine sees it. Computing the mask from
 len(tokenize(prompt)) breaks when BPE merges across the prompt/answer boundary (a prompt ending in a
@@ -16,6 +19,10 @@ Instead we follow the ids' bytes along the text (decode_bytes is concatenative) 
 any of its bytes belong to a trained piece. Special tokens are cut out of the text before BPE runs, so
 no token ever spans <|im_end|> and its neighbours.
 """
+import ast
+import datetime
+import functools
+import json
 import re
 
 import numpy as np
@@ -90,6 +97,66 @@ def llama3(messages, add_generation_prompt, special):
     return pieces
 
 
+# The date Llama 3.1+ templates write when none is given ("Today Date: 26 Jul 2024"); the Jinja
+# rendering (template = "jinja") gets it from strftime_now too, so the training text never depends on
+# the day it was made (token cache, exact resume).
+TEMPLATE_DATE = datetime.date(2024, 7, 26)
+
+
+def llama31(messages, add_generation_prompt, special):
+    """Llama 3.1, 3.2, 3.3 Instruct: llama3, after a system block that is always written:
+    'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' + the system message (trimmed,
+    or empty)."""
+    system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    block = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+             f"Today Date: {TEMPLATE_DATE.strftime('%d %b %Y')}\n\n{system}<|eot_id|>")
+    pieces = [(special["bos"] + block, None)] + llama3(rest, add_generation_prompt, special)[1 if rest else 0:]
+    shift = len(messages) - len(rest)                           # message indices as in `messages`
+    return [(text, None if k is None else k + shift) for text, k in pieces]
+
+
+def qwen3(messages, add_generation_prompt, special):
+    """Qwen3: chatml without a default system prompt, and the reasoning block. The answer after the
+    last user message is written '<think>\\n{reasoning}\\n</think>\\n\\n{answer}' (an empty block when the
+    answer has none): the model writes it after '<|im_start|>assistant\\n', so it is trained. Earlier
+    answers lose their '<think>...</think>' (the template keeps only what follows it)."""
+    last_query = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    pieces = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            pieces.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", None))
+            continue
+        content, reasoning = m["content"], ""
+        if "</think>" in content:
+            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+        if k > last_query and (k == len(messages) - 1 or reasoning):
+            content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+        pieces += [("<|im_start|>assistant\n", None), (content + "<|im_end|>", k), ("\n", None)]
+    if add_generation_prompt:
+        pieces.append(("<|im_start|>assistant\n", None))
+    return pieces
+
+
+def gemma(messages, add_generation_prompt, special):
+    """Gemma 2 and 3: <start_of_turn>user|model\\n{content|trim}<end_of_turn>\\n, no system role: the system
+    message opens the first user turn, followed by a blank line. The answer and <end_of_turn> are trained."""
+    system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if system else messages
+    alternating(turns)
+    pieces = [(special["bos"], None)]
+    for k, m in enumerate(turns, start=len(messages) - len(turns)):
+        if m["role"] == "user":
+            prefix = system if k == len(messages) - len(turns) else ""
+            pieces.append((f"<start_of_turn>user\n{prefix}{m['content'].strip()}<end_of_turn>\n", None))
+        else:
+            pieces += [("<start_of_turn>model\n", None), (m["content"].strip() + "<end_of_turn>", k), ("\n", None)]
+    if add_generation_prompt:
+        pieces.append(("<start_of_turn>model\n", None))
+    return pieces
+
+
 def alternating(messages):
     """llama2 / mistral / alpaca templates raise unless the roles go user, assistant, user, ..."""
     for k, m in enumerate(messages):
@@ -132,6 +199,46 @@ def mistral(messages, add_generation_prompt, special):
     return pieces
 
 
+def mistral_v3(messages, add_generation_prompt, special):
+    """Mistral-7B-Instruct v0.3 (and v0.2's tokenizer v3): <s>[INST] {user}[/INST] {answer|trim}</s>... The
+    system message goes before the LAST user message ('[INST] {system}\\n\\n{user}[/INST]'), as
+    mistral-common writes it and as the Jinja template writes every prompt that ends with a user turn
+    (for a conversation that ends with an answer, the template drops it). No generation prompt."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    alternating(turns)
+    last_user = max((k for k, m in enumerate(turns) if m["role"] == "user"), default=None)
+    pieces = [(special["bos"], None)]
+    for k, m in enumerate(turns):
+        if m["role"] == "user":
+            prefix = f"{system}\n\n" if system is not None and k == last_user else ""
+            pieces.append((f"[INST] {prefix}{m['content']}[/INST]", None))
+        else:
+            pieces.append((" " + m["content"].strip() + special["eos"], k + len(messages) - len(turns)))
+    return pieces
+
+
+def mistral_v7(messages, add_generation_prompt, special):
+    """Mistral Small 3 and later (v7, tekken): <s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{user}[/INST]
+    {answer}</s>... always with a system prompt (the template's default when the conversation has none),
+    no spaces added, no generation prompt."""
+    if messages and messages[0]["role"] == "system":
+        system, rest, first = messages[0]["content"], messages[1:], 1
+    elif special.get("system") is not None:
+        system, rest, first = special["system"], messages, 0
+    else:
+        raise TemplateError("this mistral-v7 template's default system prompt could not be read: give the "
+                            "conversation a system message", "no system prompt")
+    pieces = [(f"{special['bos']}[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT]", None)]
+    for k, m in enumerate(rest, start=first):
+        if m["role"] == "assistant":
+            pieces.append((m["content"] + special["eos"], k))
+        else:
+            tag = "INST" if m["role"] == "user" else "SYSTEM_PROMPT"
+            pieces.append((f"[{tag}]{m['content']}[/{tag}]", None))
+    return pieces
+
+
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 
@@ -162,11 +269,87 @@ def plain(messages, add_generation_prompt, special):
     return pieces
 
 
-TEMPLATES = {"chatml": chatml, "llama3": llama3, "llama2": llama2, "mistral": mistral,
-             "alpaca": alpaca, "plain": plain}
+def jinja(messages, add_generation_prompt, special):
+    """Any other model: its own chat_template rendered with jinja2 (as transformers' apply_chat_template
+    does), the answers found in the rendering. Answer k is trained from the end of the prompt an engine
+    sends for it (the rendering of messages[:k] with the generation prompt, when the text starts with
+    it; else from the answer's first byte) through its content as written (as given, stripped, or after
+    a '</think>') and the added token that closes it ('<|end|>', '</s>', ...). A template that leaves a
+    message out or rewrites an answer stops with a TemplateError: no mask is guessed."""
+    text = render_jinja(special, messages, add_generation_prompt)
+    if add_generation_prompt:
+        return [(text, None)]
+    closers = sorted(special["added"], key=len, reverse=True)
+    pieces, done, cursor = [], 0, 0   # text[:done] is in pieces; the search goes on from cursor
+    for k, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] == "system" or not content.strip():
+            if content.strip() and content.strip() not in text:
+                raise TemplateError(f"the chat template leaves out message {k} ({m['role']})", "template drops a message")
+            continue
+        written = [w for w in (content, content.strip(), content.split("</think>")[-1].strip()) if w]
+        found = [(text.find(w, cursor), -len(w), w) for w in written if text.find(w, cursor) >= 0]
+        if not found:
+            raise TemplateError(f"the chat template leaves out or rewrites message {k} ({m['role']})",
+                                "template drops a message")
+        at, _, w = min(found)
+        cursor = at + len(w)
+        if m["role"] != "assistant":
+            continue
+        prompt = render_jinja(special, messages[:k], True)   # what an engine sends before answer k
+        start = len(prompt) if text.startswith(prompt) and done <= len(prompt) <= at else at
+        spaces = len(text[cursor:]) - len(text[cursor:].lstrip(" "))
+        closer = next((c for c in closers if text.startswith(c, cursor + spaces)), None)
+        cursor += spaces + len(closer) if closer else 0
+        pieces += [(text[done:start], None), (text[start:cursor], k)]
+        done = cursor
+    return pieces + [(text[done:], None)]
+
+
+def render_jinja(special, messages, add_generation_prompt):
+    """The text of special["chat_template"] for messages, rendered as transformers renders it (a sandbox,
+    trim_blocks/lstrip_blocks, raise_exception, strftime_now), with TEMPLATE_DATE as today."""
+    template = compile_jinja(special["chat_template"])
+    import jinja2  # compile_jinja has checked that it is installed
+    try:
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=special["bos"] or "", eos_token=special["eos"] or "")
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"the chat template does not render: {e}", "template error") from None
+
+
+@functools.lru_cache(maxsize=4)
+def compile_jinja(chat_template):
+    try:
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        raise TemplateError("template = 'jinja' needs the jinja2 package (pip install jinja2)") from None
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=TEMPLATE_DATE.strftime)
+    try:
+        return env.from_string(chat_template)
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"the chat template is not valid Jinja: {e}", "template error") from None
+
+
+def raise_exception(message):
+    raise TemplateError(f"the chat template refuses this conversation: {message}", message)
+
+
+TEMPLATES = {"chatml": chatml, "qwen3": qwen3, "llama3": llama3, "llama3.1": llama31, "llama2": llama2,
+             "mistral": mistral, "mistral-v3": mistral_v3, "mistral-v7": mistral_v7, "gemma": gemma,
+             "alpaca": alpaca, "plain": plain, "jinja": jinja}
 # BOS/EOS strings when no tokenizer is given (with one, the tokenizer's own are used, as in Jinja).
-DEFAULT_SPECIAL = {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "llama2": ("<s>", "</s>"),
-                   "mistral": ("<s>", "</s>")}
+DEFAULT_SPECIAL = {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+                   "llama2": ("<s>", "</s>"), "mistral": ("<s>", "</s>"), "mistral-v3": ("<s>", "</s>"),
+                   "mistral-v7": ("<s>", "</s>"), "gemma": ("<bos>", "<eos>")}
+# The token that ends an answer, when it is not EOS (generation stops there too).
+END_OF_TURN = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>",
+               "gemma": "<end_of_turn>"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,73 +373,116 @@ def squeeze(template):
 
 
 # What each family's template must contain (in squeezed form) for our function to render it exactly;
-# anything else is an unknown variant, and auto stops rather than guess.
+# anything else is an unknown variant, and auto stops rather than guess. A tuple: one of its spellings.
 FINGERPRINTS = {
+    "qwen3": ["'<|im_start|>'+message['role']+'\n'+message['content']+'<|im_end|>'+'\n'",
+              "{%setcontent=message['content'].split('</think>')[-1].lstrip('\n')%}",
+              "{%ifloop.index0>ns.last_query_index%}", "{%ifloop.lastor(notloop.lastandreasoning_content)%}",
+              "'<|im_start|>'+message['role']+'\n<think>\n'+reasoning_content.strip('\n')+'\n</think>\n\n'"
+              "+content.lstrip('\n')"],
     "chatml": ["'<|im_start|>'+message['role']+'\n'+message['content']+'<|im_end|>'+'\n'"],
+    "llama3.1": ["'<|start_header_id|>'+message['role']+'<|end_header_id|>\n\n'+message['content']|trim+'<|eot_id|>'",
+                 "{%setdate_string='26 Jul 2024'%}", "{{'Cutting Knowledge Date: December 2023\n'}}",
+                 "{{'Today Date: '+date_string+'\n\n'}}", "{%setsystem_message=messages[0]['content']|trim%}",
+                 "{{system_message}}"],
     "llama3": ["'<|start_header_id|>'+message['role']+'<|end_header_id|>\n\n'+message['content']|trim+'<|eot_id|>'",
                "{%ifloop.index0==0%}{%setcontent=bos_token+content%}"],
+    "gemma": ["{{bos_token}}", "{%setfirst_user_prefix=messages[0]['content']+'\n\n'%}", "{%setrole='model'%}",
+              "{{'<start_of_turn>'+role+'\n'+(first_user_prefixifloop.firstelse'')}}",
+              "{{message['content']|trim}}", "{{'<end_of_turn>\n'}}"],
     "llama2": ["{{bos_token+'[INST] '+content.strip()+' [/INST]'}}", "{{' '+content.strip()+' '+eos_token}}"],
+    "mistral-v7": ["{{bos_token}}", "'[SYSTEM_PROMPT]'+system_message+'[/SYSTEM_PROMPT]'",
+                   "{{'[INST]'+message['content']+'[/INST]'}}", "{{message['content']+eos_token}}"],
+    "mistral-v3": ["{{bos_token}}", "{{'[INST] '+system_message+'\n\n'+message['content']+'[/INST]'}}",
+                   "{{'[INST] '+message['content']+'[/INST]'}}", "{{' '+message['content']|trim+eos_token}}",
+                   ("{%ifloop.lastandsystem_messageisdefined%}",
+                    "{%if(message==user_messages[-1])andsystem_messageisdefined%}")],
     "mistral": ["{{bos_token}}", "{{'[INST] '+message['content']+' [/INST]'}}", "{{message['content']+eos_token}}"],
     "alpaca": ["'### Instruction:\n'+message['content']+'\n\n'", "'### Response:\n'+message['content']+eos_token+'\n\n'"],
 }
+# How auto tells the families apart: the first marker found in the template decides.
+MARKERS = [("<think>", "qwen3"), ("Cutting Knowledge Date", "llama3.1"), ("<|im_start|>", "chatml"),
+           ("<|start_header_id|>", "llama3"), ("<start_of_turn>", "gemma"), ("<<SYS>>", "llama2"),
+           ("[SYSTEM_PROMPT]", "mistral-v7"), ("'[INST] '+system_message+'\n\n'", "mistral-v3"),
+           ("[INST]", "mistral"), ("### Instruction:", "alpaca")]
 
 
 def detect_template(chat_template):
     """(family, default system prompt or None) of a tokenizer's Jinja chat_template; TemplateError for
-    a template we cannot reproduce exactly (set template= explicitly to take responsibility)."""
+    a template we cannot reproduce exactly (set template= explicitly to take responsibility, or
+    template = "jinja" to render the model's own template)."""
     if not chat_template:
         raise TemplateError("the tokenizer has no chat_template: set template (plain for a base model)")
     t = squeeze(chat_template)
-    if "<think>" in t:
-        raise TemplateError("chat templates with <think> reasoning blocks (Qwen3, SmolLM3, ...) are not supported")
-    if "Cutting Knowledge Date" in t:
-        raise TemplateError("Llama 3.1+ chat templates (with the 'Cutting Knowledge Date' system header and "
-                            "today's date) are not supported; template=llama3 is Llama 3.0's")
-    markers = [("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<<SYS>>", "llama2"),
-               ("[INST]", "mistral"), ("### Instruction:", "alpaca")]
-    family = next((name for marker, name in markers if marker in t), None)
+    family = next((name for marker, name in MARKERS if marker in t), None)
     if family is None:
-        raise TemplateError("unknown chat template (not chatml, llama3, llama2, mistral or alpaca); "
-                            "set template explicitly")
-    problems = [f"no {f!r}" for f in FINGERPRINTS[family] if f not in t]
-    system = default_system_prompt(t) if family == "chatml" else None
+        raise TemplateError(f"unknown chat template (not one of {', '.join(FINGERPRINTS)}); set template "
+                            "explicitly, or template = 'jinja' to render the model's own")
+    problems = [f"no {f!r}" for f in FINGERPRINTS[family]
+                if not any(spelling in t for spelling in (f if isinstance(f, tuple) else (f,)))]
+    system = default_system_prompt(family, chat_template)
     if family == "llama2" and "true==true" in t:
         problems.append("Llama 2's long default system prompt")
-    if "messages[0]['role']" in t and system is None and family in ("chatml", "llama3", "mistral"):
+    if "messages[0]['role']" in t and system is None and family in ("chatml", "llama3", "mistral", "mistral-v7"):
         problems.append("a default system prompt we cannot read")  # a first-message test: a default?
     if problems:
         raise TemplateError(f"the chat template looks like {family} but is a variant we do not reproduce "
-                            f"exactly ({problems[0]}); set template explicitly if it renders alike")
+                            f"exactly ({problems[0]}); set template explicitly if it renders alike, or "
+                            "template = 'jinja'")
     return family, system
 
 
-def default_system_prompt(squeezed):
-    """ChatML templates write their default system prompt as one literal:
-    '<|im_start|>system\\n...<|im_end|>\\n' (SmolLM2, Qwen2, Qwen2.5). None when there is none."""
-    found = re.search(r"'<\|im_start\|>system\n((?:[^'\\]|\\.)*?)<\|im_end\|>\n'", squeezed)
-    return re.sub(r"\\(.)", r"\1", found.group(1)) if found else None
+def default_system_prompt(family, chat_template):
+    """The system prompt a template writes when the conversation has none, or None. ChatML templates
+    write it as one literal '<|im_start|>system\\n...<|im_end|>\\n' (SmolLM2, Qwen2, Qwen2.5); Mistral v7
+    ones set default_system_message to literals and today's date (TEMPLATE_DATE here)."""
+    if family == "chatml":
+        found = re.search(r"'<\|im_start\|>system\n((?:[^'\\]|\\.)*?)<\|im_end\|>\n'", squeeze(chat_template))
+        return re.sub(r"\\(.)", r"\1", found.group(1)) if found else None
+    found = re.search(r"set default_system_message\s*=\s*(.*?)\s*-?%\}", chat_template, flags=re.S)
+    if family != "mistral-v7" or not found:
+        return None
+    today = TEMPLATE_DATE.strftime("%Y-%m-%d") if re.search(r"set today\s*=\s*strftime_now\(['\"]%Y-%m-%d['\"]\)",
+                                                            chat_template) else None
+    out = []
+    for part in re.findall(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s+]+""", found.group(1)):
+        if part[0] in "'\"":
+            out.append(ast.literal_eval(part))
+        elif part == "today" and today:
+            out.append(today)
+        else:
+            return None  # an expression we do not evaluate
+    return "".join(out)
 
 
 def resolve_template(template, tokenizer=None):
     """(family, special strings {"bos", "eos", "system"}, a line saying what was picked) for a
-    template name or "auto". BOS/EOS come from the tokenizer, as bos_token/eos_token do in Jinja."""
+    template name, "auto" or "jinja". BOS/EOS come from the tokenizer, as bos_token/eos_token do in
+    Jinja; "jinja" also carries the tokenizer's chat_template and its added tokens."""
     chat_template = getattr(tokenizer, "chat_template", None)
     if template == "auto":
         if tokenizer is None:
             raise TemplateError("template='auto' needs a tokenizer (tokenizer=...)")
         family, system = detect_template(chat_template)
+    elif template == "jinja":
+        if not chat_template:
+            raise TemplateError("template = 'jinja' needs a tokenizer with a chat_template")
+        family, system = template, None
     elif template in TEMPLATES:
         family = template
-        system = default_system_prompt(squeeze(chat_template)) if family == "chatml" and chat_template else None
+        system = default_system_prompt(family, chat_template) if chat_template else None
     else:
-        raise TemplateError(f"unknown template {template!r} (expected auto or one of {', '.join(TEMPLATES)})")
+        raise TemplateError(f"unknown template {template!r} (expected auto, jinja or one of {', '.join(TEMPLATES)})")
     line = f"template: {'auto -> ' if template == 'auto' else ''}{family}"
     line += f" (default system prompt {system!r})" if system else ""
     bos, eos = DEFAULT_SPECIAL.get(family, (None, "</s>"))
     if tokenizer is not None:
         bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else bos
         eos = tokenizer.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else eos
-    return family, {"bos": bos, "eos": eos, "system": system}, line
+    special = {"bos": bos, "eos": eos, "system": system}
+    if family == "jinja":
+        special.update(chat_template=chat_template, added=tuple(getattr(tokenizer, "added_id", {})))
+    return family, special, line
 
 
 def format_chat(messages, template, add_generation_prompt=False, tokenizer=None):
@@ -272,7 +498,7 @@ def stop_ids(tokenizer, template="auto"):
     """The token ids that end an answer in generation: the tokenizer's EOS ids and the template's
     end-of-turn token (<|im_end|>, <|eot_id|>, or EOS)."""
     family, special, _ = resolve_template(template, tokenizer)
-    end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(family, special["eos"])
+    end_of_turn = END_OF_TURN.get(family, special["eos"])
     ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eos_id}) | {tokenizer.token_to_id(end_of_turn)}
     return sorted(ids - {None})
 

