@@ -140,7 +140,7 @@ def test_skip_mode_skips_and_counts_every_bad_record(tmp_path, tok):
     (dict(train_data=["nowhere.jsonl"]), "train_data: nowhere.jsonl: file not found"),
     (dict(val_data="nowhere.jsonl"), "val_data: nowhere.jsonl: file not found"),
     (dict(data_weights=[1.0, 2.0]), "data_weights has 2 weights for 1 train_data files"),
-    (dict(template="jinja"), "template = 'jinja' should be one of auto, chatml"),
+    (dict(template="vicuna"), "template = 'vicuna' should be one of auto, chatml"),
     (dict(train_data=[]), "train_data is empty"),
 ])
 def test_data_settings_are_checked_before_anything_loads(overrides, message):
@@ -244,6 +244,17 @@ def test_statistics_count_examples_tokens_and_trained_tokens(tok):
     assert stats.examples["train"] == 5
     assert stats.tokens["train"] == sum(len(ex["input_ids"]) for ex in train)
     assert stats.trained_tokens["train"] == sum(int((ex["labels"] != -100).sum()) for ex in train)
+
+
+def test_template_jinja_loads_the_same_examples_as_the_hand_written_template(tok, tmp_path):
+    """The training path with template = "jinja" (the model's own template rendered) gives the ids and
+    labels of template = "auto" on SmolLM2; a message the template leaves out is counted when skipped."""
+    paths = [os.path.join(EXAMPLES, "messages.jsonl")]
+    auto, _, _ = data.load_datasets(config(paths), tok, log=lambda line: None)
+    jinja, _, stats = data.load_datasets(config(paths, template="jinja"), tok, log=lambda line: None)
+    assert stats.template == "jinja"
+    assert [(a["input_ids"].tolist(), a["labels"].tolist()) for a in auto] == \
+        [(j["input_ids"].tolist(), j["labels"].tolist()) for j in jinja]
 
 
 def test_validation_split_is_seeded_disjoint_and_sized(tmp_path, tok):
