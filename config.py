@@ -45,7 +45,7 @@ class Config:
     val_data: str = ""              # empty: split val_fraction off the training data
     test_data: str = ""             # held-out set for eval.py
     val_fraction: float = 0.05
-    data_format: str = "auto"       # auto | alpaca | messages | sharegpt | prompt_completion | text
+    data_format: str = "auto"       # auto | alpaca | messages | sharegpt | prompt_completion | text | preference
     template: str = "auto"          # auto | jinja | a family in templates.py (chatml, llama3.1, qwen3, gemma, ...)
     train_on: str = "assistant"     # assistant | last | all
     seq_len: int = 512
@@ -67,6 +67,9 @@ class Config:
     neftune_alpha: float = 0.0      # NEFTune noise on input embeddings; 0 = off
     distill_weight: float = 0.0     # weight of the KL-to-base-model loss (forgetting mitigation)
     distill_on: str = "prompt"      # where that KL is taken: the prompt tokens, or the answer tokens
+    objective: str = "sft"          # sft | dpo | orpo: dpo and orpo need preference data (prompt, chosen, rejected)
+    dpo_beta: float = 0.1           # DPO: how far from the reference model the rewards may pull
+    orpo_lambda: float = 0.1        # ORPO: weight of the odds-ratio term next to the SFT loss
     # --- hardware -------------------------------------------------------------------------------
     dtype: str = "auto"             # float32 | bfloat16 (bf16 frozen weights + autocast) | auto
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -94,6 +97,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16"),
     "distill_on": ("prompt", "answer"),
     "kernels": ("fast", "plain"),
+    "objective": ("sft", "dpo", "orpo"),
 }
 
 

@@ -34,7 +34,7 @@ from config import ConfigError, UserError, fetch_model, parse_cli, script
 from templates import (IGNORE, TEMPLATES, DataError, TemplateError, check_messages, detect_template,  # noqa: F401
                        format_chat, render, resolve_template, stop_ids, token_spans)
 
-FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference")
 WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -127,7 +127,7 @@ def json_list_items(text, path):
 
 def detect_format(records, path):
     """The format of a file, from the keys of its first record."""
-    keys = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca",
+    keys = {"chosen": "preference", "messages": "messages", "conversations": "sharegpt", "instruction": "alpaca",
             "prompt": "prompt_completion", "text": "text"}
     for line, record in records:
         if isinstance(record, dict):
@@ -158,10 +158,38 @@ def list_field(record, key):
     return record[key]
 
 
+def to_pair(record):
+    """A preference record -> {"chosen": messages, "rejected": messages}: the shared prompt (a string,
+    or a list of messages) followed by each answer (a string, or a list of one assistant message)."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        check_messages(prompt)
+        prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    else:
+        prompt = [{"role": "user", "content": text_field(record, "prompt")}]
+    pair = {}
+    for side in ("chosen", "rejected"):
+        answer = record.get(side)
+        if isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict) \
+                and answer[0].get("role") == "assistant":
+            answer = answer[0].get("content")
+        if side not in record or not isinstance(answer, str):
+            raise DataError(f"field '{side}' should be a string or a list of one assistant message",
+                            "bad preference answer")
+        pair[side] = prompt + [{"role": "assistant", "content": answer}]
+        check_messages(pair[side])
+    if pair["chosen"] == pair["rejected"]:
+        raise DataError("chosen and rejected are the same answer", "chosen equals rejected")
+    return pair
+
+
 def to_messages(record, fmt):
-    """One record of format `fmt` -> [{"role", "content"}, ...]. Raises DataError (no place yet)."""
+    """One record of format `fmt` -> [{"role", "content"}, ...] ({"chosen": ..., "rejected": ...} for
+    a preference record). Raises DataError (no place yet)."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}", "not an object")
+    if fmt == "preference":
+        return to_pair(record)
     if fmt == "alpaca":  # the optional input follows the instruction after a blank line
         instruction, extra = text_field(record, "instruction"), text_field(record, "input", optional=True)
         system = text_field(record, "system", optional=True)
@@ -237,36 +265,47 @@ def split_val(conversations, fraction, seed):
 
 def render_examples(conversations, tokenizer, resolved, cfg, split, stats):
     """Rendered examples {"input_ids", "labels" (int32 arrays), "source"}, truncated or dropped to
-    seq_len, every drop and skip counted in stats under `split`."""
+    seq_len, every drop and skip counted in stats under `split`. A preference pair gives the chosen
+    side's example with the rejected one under "rejected" (only the final answer trained on each)."""
     examples = []
     for source, messages in conversations:
+        pair = isinstance(messages, dict)
         try:
-            ids, labels = render(messages, tokenizer, train_on=cfg.train_on, resolved=resolved)
-            if not any(label != IGNORE for label in labels):
-                raise DataError("no trained token (no assistant message?)", "no trained token")
-            truncated = len(ids) > cfg.seq_len
-            if truncated and cfg.truncation == "drop":
-                stats.dropped[(split, f"longer than seq_len={cfg.seq_len}")] += 1
-                continue
-            ids, labels = ids[:cfg.seq_len], labels[:cfg.seq_len]
-            if truncated and not any(label != IGNORE for label in labels):
-                raise DataError(f"no trained token left after truncation to seq_len={cfg.seq_len}",
-                                "no trained token after truncation")
+            sides = ([render_one(messages[side], tokenizer, resolved, cfg, "last") for side in ("chosen", "rejected")]
+                     if pair else [render_one(messages, tokenizer, resolved, cfg, cfg.train_on)])
         except DataError as e:
             error = DataError(f"{source}: {e}", e.kind)
             if cfg.on_bad_data == "stop":
                 raise error from None
             stats.skip(error)
             continue
-        stats.truncated[split] += truncated
-        examples.append({"input_ids": np.array(ids, dtype=np.int32),
-                         "labels": np.array(labels, dtype=np.int32), "source": source})
+        if None in sides:
+            stats.dropped[(split, f"longer than seq_len={cfg.seq_len}")] += 1
+            continue
+        stats.truncated[split] += any([side.pop("truncated") for side in sides])
+        examples.append(dict(sides[0], source=source, **({"rejected": sides[1]} if pair else {})))
     return examples
+
+
+def render_one(messages, tokenizer, resolved, cfg, train_on):
+    """{"input_ids", "labels", "truncated"} of one conversation, cut to seq_len (None: dropped)."""
+    ids, labels = render(messages, tokenizer, train_on=train_on, resolved=resolved)
+    if not any(label != IGNORE for label in labels):
+        raise DataError("no trained token (no assistant message?)", "no trained token")
+    truncated = len(ids) > cfg.seq_len
+    if truncated and cfg.truncation == "drop":
+        return None
+    ids, labels = ids[:cfg.seq_len], labels[:cfg.seq_len]
+    if truncated and not any(label != IGNORE for label in labels):
+        raise DataError(f"no trained token left after truncation to seq_len={cfg.seq_len}",
+                        "no trained token after truncation")
+    return {"input_ids": np.array(ids, dtype=np.int32), "labels": np.array(labels, dtype=np.int32),
+            "truncated": truncated}
 
 
 def count(examples, split, stats):
     stats.examples[split] += len(examples)
-    stats.tokens[split] += sum(len(ex["input_ids"]) for ex in examples)
+    stats.tokens[split] += sum(len(ex["input_ids"]) + len(ex.get("rejected", {}).get("input_ids", ())) for ex in examples)
     stats.trained_tokens[split] += count_trained(examples, [range(len(examples))])
 
 
@@ -430,6 +469,16 @@ def collate(examples, rows, seq_len, pad_id):
     return {"input_ids": torch.from_numpy(input_ids), "targets": targets, "is_token": is_token,
             "position_ids": torch.from_numpy(position_ids), "attn_mask": attn_mask,
             "n_trained": int((targets != IGNORE).sum()), "n_tokens": sum(lengths)}
+
+
+def collate_pairs(examples, rows, seq_len, pad_id):
+    """The batch of a planned batch of preference pairs (one pair per row): the P chosen sides, then
+    the P rejected ones, as collate makes them (2P rows), and "n_pairs": P."""
+    flat = [examples[i] for row in rows for i in row]
+    flat += [ex["rejected"] for ex in flat]
+    batch = collate(flat, [[i] for i in range(len(flat))], seq_len, pad_id)
+    P = len(flat) // 2  # n_trained: the chosen answers' tokens, as count_trained counts them
+    return dict(batch, n_pairs=P, n_trained=int((batch["targets"][:P] != IGNORE).sum()))
 
 
 # ---------------------------------------------------------------------------------------------------

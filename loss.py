@@ -1,4 +1,5 @@
-"""The SFT losses: masked token-level cross-entropy, and a distillation KL against forgetting.
+"""The SFT losses: masked token-level cross-entropy, and a distillation KL against forgetting; the
+preference losses that follow SFT: DPO and ORPO.
 
 Any new objective can start from the logits: `logits = model(ids)` (B, T, V) is an ordinary autograd
 tensor, so a loss written with torch functions needs no gradient by hand. The objective of a training
@@ -81,6 +82,41 @@ def check_distillation_shapes(hidden, weight, teacher_weight, positions):
         raise ValueError(f"teacher vocabulary {teacher_weight.shape[0]} != student vocabulary {weight.shape[0]}")
     if hidden.shape[:2] != positions.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and positions {tuple(positions.shape)} differ in (B, T)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference losses: a prompt, a chosen and a rejected answer. The batch holds the P chosen rows, then
+# the P rejected ones (data.collate_pairs); an answer's log-probability is the sum over its trained
+# tokens, log π(y|x) = Σ_t log p(y_t | x, y_<t).
+
+
+def sequence_logps(hidden, weight, targets):
+    """(B,) sum of log p(target) over each row's trained positions, and (B,) the number of them.
+    hidden (B, T, C), weight (V, C), targets (B, T) as in masked_cross_entropy."""
+    h, t = trained_rows(hidden, targets, weight.shape[0])                       # (N, C), (N,)
+    token_logps = -F.cross_entropy(at_least_fp32(F.linear(h, weight)), t, reduction="none")  # (N,)
+    row = (targets != IGNORE).nonzero()[:, 0]                                   # (N,) the row of each
+    sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=h.device).index_add(0, row, token_logps)
+    return sums, (targets != IGNORE).sum(dim=1)                                 # (B,), (B,)
+
+
+def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), per pair:
+        loss = -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])
+    The rewards are r(y) = β (log π(y) - log π_ref(y)); at the start, π = π_ref and loss = log 2.
+    All arguments (P,); returns (losses, chosen rewards, rejected rewards), each (P,)."""
+    chosen, rejected = beta * (logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+
+
+def orpo_loss(logp_chosen, logp_rejected, n_chosen, n_rejected):
+    """The odds-ratio term of ORPO (Hong et al. 2024, eq. 4-7), per pair, without a reference model:
+        loss = -log σ(log odds(c) - log odds(r)),   odds(y) = P(y) / (1 - P(y)),
+    with P(y) = exp(mean token log-prob) (length-normalized), so log odds = m - log(1 - e^m). The SFT
+    loss on the chosen answer is added by the caller. Returns (losses, m chosen, m rejected), (P,)."""
+    m_chosen, m_rejected = logp_chosen / n_chosen, logp_rejected / n_rejected
+    log_odds = (m_chosen - m_rejected) - (torch.log(-torch.expm1(m_chosen)) - torch.log(-torch.expm1(m_rejected)))
+    return -F.logsigmoid(log_odds), m_chosen.detach(), m_rejected.detach()
 
 
 # ---------------------------------------------------------------------------------------------

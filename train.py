@@ -11,11 +11,11 @@ The path from a config file to trained weights, in the order this file runs it:
     fit()          one train_step() per optimizer step; validate() every eval_every steps; checkpoints
     train_step()   grad_accum micro-batches (per rank), each:
                        step_loss() -> a sum over its trained tokens
-                               -> divided by the trained tokens of the WHOLE step (all micro-batches, all ranks)
+                               / the trained tokens of the WHOLE step (all micro-batches, all ranks)
                                -> backward (gradients add up)
                    then: clip the global gradient norm, AdamW update (written out below), next learning rate
-    step_loss()    the objective: masked cross-entropy on the answer tokens (+ distillation); a new
-                   objective replaces this one function
+    step_loss()    the objective: masked cross-entropy on the answer tokens (+ distillation), or DPO /
+                   ORPO on preference pairs (objective = ...); a new objective replaces this one function
     finish()       the final export; the exit code says how the run ended (0 done, 1 non-finite loss,
                    2 user error, 130 interrupted)
 
@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -43,7 +44,8 @@ import fast
 import lora
 from checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_loss_curve, write_metrics
 from config import ConfigError, fetch_model, parse_cli, resolve_hardware, save_config, script
-from loss import distillation_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy
+from loss import (distillation_loss, dpo_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy,
+                  orpo_loss, sequence_logps)
 from model import generate, load_model, save_model
 from tokenizer import load_tokenizer
 
@@ -153,6 +155,7 @@ def setup(cfg, resume=False):
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, stats = data.load_datasets(cfg, tokenizer, log=log)
+    check_objective(cfg, train_set + val_set)
     model = build_model(cfg, device)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     log(lora.describe_trainable(model, cfg.method))
@@ -162,7 +165,7 @@ def setup(cfg, resume=False):
     model.train()
     run = Run(cfg, rank, world, device, log, tokenizer, train_set, val_set, stats, model,
               net=DistributedDataParallel(model) if world > 1 else model, names=names, params=params,
-              teacher=make_teacher(model, cfg, device) if cfg.distill_weight > 0 else None,
+              teacher=make_teacher(model, cfg, device) if cfg.distill_weight > 0 or cfg.objective == "dpo" else None,
               autocast=torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext(),
               ckpt_dir=ckpt_dir, opt_state=adamw_init(params),
               progress=dict(step=0, epoch=0, batch=0, best_val=None, evals_since_best=0))
@@ -174,6 +177,18 @@ def setup(cfg, resume=False):
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
         write_metrics(cfg.out_dir, read_metrics(cfg.out_dir, up_to_step=run.progress["step"]))
     return run
+
+
+def check_objective(cfg, examples):
+    """DPO and ORPO train on preference pairs, one pair per row."""
+    if cfg.objective == "sft":
+        return
+    if cfg.packing != "none" or cfg.distill_weight > 0:
+        raise ConfigError(f"objective = {cfg.objective!r} takes packing = 'none' and distill_weight = 0")
+    if any("rejected" not in ex for ex in examples):
+        source = next(ex["source"] for ex in examples if "rejected" not in ex)
+        raise ConfigError(f"objective = {cfg.objective!r} needs preference data (prompt, chosen, rejected); "
+                          f"{source} is not a preference record")
 
 
 def setup_hardware(cfg, resume, world, log):
@@ -263,8 +278,7 @@ def plan_training(run):
                           f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {run.world} ranks)")
     run.total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     val_plan = data.plan_batches(run.val_set, cfg.batch_size, cfg.seq_len, cfg.packing, cfg.seed, 0)
-    run.val_batches = [data.collate(run.val_set, rows, cfg.seq_len, run.tokenizer.pad_id)
-                       for rows in val_plan[:cfg.eval_batches or None]]  # the same batches at every eval
+    run.val_batches = [collate(run, run.val_set, rows) for rows in val_plan[:cfg.eval_batches or None]]
     run.samples = sample_prompts(cfg, run.tokenizer, run.stats.template, run.val_set)
 
 
@@ -378,25 +392,66 @@ def export(model, cfg, folder):
 # The objective of one micro-batch, and one optimizer step
 
 
-def step_loss(model, batch, cfg, teacher=None):
-    """The objective of one micro-batch -> (the loss to backpropagate, the SFT loss to log), both
-    sums over its trained tokens (train_step divides by the trained tokens of the whole step).
+def step_loss(model, batch, cfg, counts, teacher=None):
+    """The objective of one micro-batch -> (its share of the step's loss, {metric: its share}).
+
+    counts: the trained tokens ("tokens") and preference pairs ("pairs") of the whole optimizer step,
+    over all its micro-batches and ranks. Dividing by them here makes the shares add up to the step's
+    mean, every token weighing the same however the step is cut into micro-batches (per-micro-batch
+    means would weight the tokens of short batches more: the gradient-accumulation bug of 2024).
 
     A new objective replaces this function: model(ids) gives the logits (B, T, V) as an ordinary
     autograd tensor (loss.py). `model` may be wrapped for data parallelism (DDP's .module)."""
+    if cfg.objective != "sft":
+        return preference_loss(model, batch, cfg, counts, teacher)
     head = (model.module if isinstance(model, DistributedDataParallel) else model).lm_head.weight  # (V, C)
     hidden = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"],
                    return_hidden=True)                                              # (B, T, C)
     fused = cfg.kernels == "fast"  # the same sums, with no (N, V) logits kept for backward (loss.py)
     ce = (fused_cross_entropy if fused else masked_cross_entropy)(hidden, head, batch["targets"])
+    ce = ce / max(counts["tokens"], 1)
     if teacher is None:
-        return ce, ce.detach()
+        return ce, {"train_loss": ce.detach()}
     # Pull toward the base model's next-token predictions: on the prompt tokens, where the SFT loss
     # leaves the model free to drift (forgetting shows there first), or on the answer tokens.
     answer = batch["targets"] != data.IGNORE
     where = answer if cfg.distill_on == "answer" else ~answer & batch["is_token"]
     kl = (fused_distillation_loss if fused else distillation_loss)(hidden, head, *teacher(batch), where)
-    return ce + cfg.distill_weight * kl, ce.detach()
+    return ce + cfg.distill_weight * kl / max(counts["tokens"], 1), {"train_loss": ce.detach()}
+
+
+def preference_loss(model, batch, cfg, counts, reference):
+    """DPO or ORPO on a batch of pairs (data.collate_pairs: P chosen rows, then P rejected rows), both
+    sides in one forward pass. DPO's reference is the model before this run (train.make_teacher)."""
+    head = (model.module if isinstance(model, DistributedDataParallel) else model).lm_head.weight  # (V, C)
+    hidden = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"],
+                   return_hidden=True)                                              # (2P, T, C)
+    logps, n = sequence_logps(hidden, head, batch["targets"])                      # (2P,), (2P,)
+    P = batch["n_pairs"]
+    sft = -logps[:P].sum() / max(counts["tokens"], 1)         # the chosen answers' SFT loss, per token
+    if cfg.objective == "dpo":
+        ref = sequence_logps(*reference(batch), batch["targets"])[0]               # no gradient
+        losses, chosen, rejected = dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], cfg.dpo_beta)
+        loss = losses.sum() / counts["pairs"]
+    else:
+        losses, chosen, rejected = orpo_loss(logps[:P], logps[P:], n[:P], n[P:])
+        loss = sft + cfg.orpo_lambda * losses.sum() / counts["pairs"]
+    share = lambda x: x.detach().sum() / counts["pairs"]  # noqa: E731  (a mean over the step's pairs)
+    return loss, {"train_loss": loss.detach(), "sft_loss": sft.detach(),
+                  "reward_accuracy": share((chosen > rejected).float()), "reward_margin": share(chosen - rejected),
+                  "logp_chosen": share(logps[:P]), "logp_rejected": share(logps[P:])}
+
+
+def step_counts(run, step_rows):
+    """The trained tokens (of the chosen side, for pairs) and the pairs of a step's micro-batches,
+    counted from the plan: every rank knows it, so no message is needed."""
+    return {"tokens": sum(data.count_trained(run.train_set, rows) for rows in step_rows),
+            "pairs": sum(len(rows) for rows in step_rows)}
+
+
+def collate(run, examples, rows):
+    pairs = run.cfg.objective != "sft"
+    return (data.collate_pairs if pairs else data.collate)(examples, rows, run.cfg.seq_len, run.tokenizer.pad_id)
 
 
 def train_step(run, step_rows):
@@ -405,25 +460,22 @@ def train_step(run, step_rows):
     cfg, progress, world = run.cfg, run.progress, run.world
     step, t0 = progress["step"], time.perf_counter()
     lr = lr_at(step, cfg, run.total_steps)
-    # The divisor: trained tokens of the whole step, all micro-batches and all ranks (every rank
-    # knows the plan, so no message is needed). Per-micro-batch means would weight the tokens of
-    # short batches more (the gradient-accumulation bug of 2024).
-    n_trained = sum(data.count_trained(run.train_set, rows) for rows in step_rows)
-    loss_sum = tokens = 0.0
+    counts, metrics, tokens = step_counts(run, step_rows), Counter(), 0
     for i, rows in enumerate(step_rows):
         my_rows = rows[run.rank * cfg.batch_size:(run.rank + 1) * cfg.batch_size]
-        batch = to_device(data.collate(run.train_set, my_rows, cfg.seq_len, run.tokenizer.pad_id), run.device)
+        batch = to_device(collate(run, run.train_set, my_rows), run.device)
         sync = world == 1 or i == len(step_rows) - 1  # DDP: average gradients after the last only
         with (nullcontext() if sync else run.net.no_sync()), run.autocast:
-            loss, sft_loss = step_loss(run.net, batch, cfg, run.teacher)
-        # DDP averages gradients over ranks; times world makes that a sum over ranks
-        (loss * world / max(n_trained, 1)).backward()
-        loss_sum, tokens = loss_sum + sft_loss.item(), tokens + batch["n_tokens"]
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], world)
-    train_loss = loss_sum / max(n_trained, 1)
+            loss, shares = step_loss(run.net, batch, cfg, counts, run.teacher)
+        (loss * world).backward()  # DDP averages gradients over ranks; times world makes that a sum
+        metrics.update({k: v.item() for k, v in shares.items()})
+        tokens += batch["n_tokens"]
+    names = sorted(metrics)
+    *values, tokens = all_reduce_sum([metrics[k] for k in names] + [tokens], world)
+    metrics = dict(zip(names, values))
     grad_norm = clip_grad_norm(run.params, cfg.grad_clip)
-    if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # never apply such a step
-        tqdm.write(f"loss is {train_loss} (gradient norm {grad_norm}) at step {step + 1}; "
+    if not (math.isfinite(metrics["train_loss"]) and math.isfinite(grad_norm)):  # never apply such a step
+        tqdm.write(f"loss is {metrics['train_loss']} (gradient norm {grad_norm}) at step {step + 1}; "
                    f"the last good checkpoint is {run.ckpt_dir}")
         return None
     adamw_step(run.params, run.opt_state, step + 1, lr, cfg.betas, cfg.eps, cfg.weight_decay)
@@ -431,24 +483,25 @@ def train_step(run, step_rows):
         p.grad = None
     progress.update(step=step + 1, batch=progress["batch"] + cfg.grad_accum)
     dt = time.perf_counter() - t0
-    return dict(step=step + 1, train_loss=train_loss, lr=lr, grad_norm=grad_norm, trained_tokens=n_trained,
+    return dict(step=step + 1, **metrics, lr=lr, grad_norm=grad_norm, trained_tokens=counts["tokens"],
                 tokens_per_s=tokens / dt, mem_bytes=peak_memory_bytes(run.device))
 
 
 @torch.no_grad()
 def validate(run):
-    """Token-weighted validation loss: (sum of every trained token's loss) / (number of trained
-    tokens), over the whole set and all ranks; never a mean of per-batch means (biased toward
-    short batches)."""
+    """The validation loss, the objective's (for SFT without the distillation term) over the whole
+    set and all ranks: token-weighted, (sum of every trained token's loss) / (number of trained
+    tokens), never a mean of per-batch means (biased toward short batches); per pair for DPO."""
     run.model.eval()
-    total, tokens = 0.0, 0
+    counts = {"tokens": sum(b["n_trained"] for b in run.val_batches),
+              "pairs": sum(b.get("n_pairs", 0) for b in run.val_batches)}
+    total = 0.0
     for batch in run.val_batches[run.rank::run.world]:
         with run.autocast:
-            total += step_loss(run.model, to_device(batch, run.device), run.cfg)[1].item()
-        tokens += batch["n_trained"]
+            reference = run.teacher if run.cfg.objective == "dpo" else None
+            total += step_loss(run.model, to_device(batch, run.device), run.cfg, counts, reference)[1]["train_loss"].item()
     run.model.train()
-    total, tokens = all_reduce_sum([total, tokens], run.world)
-    return total / max(tokens, 1)
+    return all_reduce_sum([total], run.world)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,8 +288,8 @@ def step(model, kernels, dtype, ids, distill):
                  is_token=torch.ones_like(ids, dtype=torch.bool))
     teacher = train.make_teacher(model, Config(method="lora", kernels=kernels), "cpu") if distill else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        loss, _ = train.step_loss(model, batch, cfg, teacher)
-    (loss / (targets != -100).sum()).backward()
+        loss, _ = train.step_loss(model, batch, cfg, {"tokens": int((targets != -100).sum())}, teacher)
+    loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import data
 import loss
 import model as model_lib
+from config import Config
 from conftest import ROOT, save_tiny_model
 
 
@@ -227,7 +228,7 @@ def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_model,
     examples = random_examples([40, 6, 7])
     batches = [data.collate(examples, [[0]], 64, 0), data.collate(examples, [[1], [2]], 64, 0)]
     run = SimpleNamespace(model=tiny_model, val_batches=batches, rank=0, world=1, device=torch.device("cpu"),
-                          autocast=contextlib.nullcontext(), cfg=SimpleNamespace(kernels=kernels))
+                          autocast=contextlib.nullcontext(), cfg=Config(kernels=kernels), teacher=None)
     mean, count = train.validate(run), sum(b["n_trained"] for b in batches)
     per_batch = []
     with torch.no_grad():
