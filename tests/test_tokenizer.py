@@ -3,6 +3,7 @@ decodes back to the text; bos/eos/pad and the chat template come from the folder
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 import sentencepiece
@@ -348,11 +349,12 @@ MISTRAL_COMMON_IDS = {
             [1, 733, 16289, 28793, 28705, 22557, 733, 28748, 16289, 28793, 15359, 28705, 736, 28705, 2, 733, 16289,
              28793, 28705, 13, 5660, 28804, 733, 28748, 16289, 28793],
         "<s>[INST] Be brief.\n\na\n\nb [/INST] x</s>[INST] y [/INST]":
-            [1, 733, 16289, 28793, 1739, 6817, 28723, 13, 13, 28708, 13, 13, 28726, 733, 28748, 16289, 28793, 1318, 2,
-             733, 16289, 28793, 337, 733, 28748, 16289, 28793],
+            [1, 733, 16289, 28793, 1739, 6817, 28723, 13, 13, 28708, 13, 13, 28726, 733, 28748, 16289, 28793, 1318,
+             2, 733, 16289, 28793, 337, 733, 28748, 16289, 28793],
     },
     "v3": {
-        "<s>[INST] Hello[/INST] Hi there</s>[INST] How?[/INST]": [1, 3, 23325, 4, 16127, 1504, 2, 3, 2370, 29572, 4],
+        "<s>[INST] Hello[/INST] Hi there</s>[INST] How?[/INST]":
+            [1, 3, 23325, 4, 16127, 1504, 2, 3, 2370, 29572, 4],
         "<s>[INST]  Hello[/INST] Hi  there</s>[INST] \nHow?[/INST]":
             [1, 3, 29473, 23325, 4, 16127, 29473, 1504, 2, 3, 29473, 781, 6428, 29572, 4],
         "<s>[INST] a\n\nb[/INST] x</s>[INST] Be brief.\n\ny[/INST]":
@@ -376,28 +378,36 @@ CONTROL_TEXTS = {
 }
 
 
-def mistral_folder(root, vocab, legacy):
-    """An HF folder as Mistral ships it: tokenizer.model, and tokenizer_config.json with "legacy"."""
-    folder = root / f"{vocab.rsplit('.', 1)[-1]}-legacy-{legacy}"
-    folder.mkdir()
-    (folder / "tokenizer.model").write_bytes(open(vocab, "rb").read())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>", "eos_token": "</s>"}))
-    return folder
+def with_transformers(vocabs, root):
+    """(name, legacy) -> (our tokenizer, transformers' tokenizer, sentencepiece) for each tokenizer.model in
+    vocabs ({name: path}), in an HF folder as Mistral and Meta ship it: tokenizer_config.json with "legacy"."""
+    import transformers
+    out = {}
+    for name, vocab in vocabs.items():
+        for legacy in (True, False):
+            folder = root / f"{name}-legacy-{legacy}"
+            folder.mkdir()
+            (folder / "tokenizer.model").write_bytes(open(vocab, "rb").read())
+            (folder / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>", "eos_token": "</s>"}))
+            out[name, legacy] = (load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder),
+                                 sentencepiece.SentencePieceProcessor(model_file=str(vocab)))
+    return out
 
 
 @pytest.fixture(scope="module")
 def mistral(mistral_vocabs, tmp_path_factory):
-    """(version, legacy) -> (our tokenizer, transformers' tokenizer, sentencepiece) on Mistral's files."""
-    import transformers
-    root = tmp_path_factory.mktemp("mistral")
-    out = {}
-    for version, vocab in mistral_vocabs.items():
-        for legacy in (True, False):
-            folder = mistral_folder(root, vocab, legacy)
-            out[version, legacy] = (load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder),
-                                    sentencepiece.SentencePieceProcessor(model_file=vocab))
-    return out
+    return with_transformers(mistral_vocabs, tmp_path_factory.mktemp("mistral"))
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory):
+    """Llama 2's vocabulary (tests/data/README.md), keyed by legacy."""
+    both = with_transformers({"llama2": DATA / "llama2-tokenizer.model"}, tmp_path_factory.mktemp("llama2"))
+    return {legacy: both["llama2", legacy] for legacy in (True, False)}
 
 
 def test_mistral_v3_text_after_a_control_token_gets_no_extra_word_start_piece(mistral):
@@ -422,7 +432,8 @@ def test_mistral_v3_encodes_each_message_as_mistral_common_does(mistral, legacy)
     contents with leading, trailing and double spaces and newlines (checked against mistral-common 1.13.1
     itself on 300 random conversations)."""
     ours, _, sp = mistral["v3", legacy]
-    contents = ["Hello", " Hello", "  two", "\nnew line", " \n x", "end ", "a  b   c", "tab\there", "😀 ok", "x\n\n"]
+    contents = ["Hello", " Hello", "  two", "\nnew line", " \n x", "end ", "a  b   c", "tab\there", "😀 ok",
+                "x\n\n"]
     for user in contents:
         for answer in contents:
             text = f"<s>[INST] {user}[/INST] {answer}</s>[INST] {answer}[/INST]"
@@ -437,6 +448,36 @@ def test_mistral_ids_match_transformers(mistral, version, legacy, name):
     ours, hf, _ = mistral[version, legacy]
     text = CONTROL_TEXTS[name]
     assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("name", CONTROL_TEXTS)
+def test_llama2_ids_match_transformers(llama2, legacy, name):
+    ours, hf, _ = llama2[legacy]
+    text = CONTROL_TEXTS[name]
+    assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_llama2_vocabulary_gives_hugging_faces_ids_on_llama_cpps_test_texts(llama2):
+    """The rebuilt tokenizer.model is Llama 2's: the ids Hugging Face's Llama 2 tokenizer gave llama.cpp."""
+    ours = llama2[True][0]
+    texts = (DATA / "llama2-vectors.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
+    lines = (DATA / "llama2-vectors.out").read_text().split("\n")
+    assert len(texts) == len(lines) == 47
+    for text, line in zip(texts, lines):
+        assert ours.encode(text) == [int(i) for i in line.split()], text
+    assert ours.encode("<s>[INST] Hello") == [1, 518, 25580, 29962, 15043]  # "▁[", "INST", "]", "▁Hello"
+
+
+def test_llama2_chat_ids_equal_metas_reference_encoding(llama2):
+    """Meta's llama code encodes each exchange as bos + sp.encode(f"[INST] {user} [/INST] {answer} ") + eos,
+    which the Llama 2 chat template writes as "<s>[INST] {user} [/INST] {answer} </s>" (legacy: a word
+    starts after <s>)."""
+    ours, _, sp = llama2[True]
+    turns = [("<<SYS>>\nBe brief.\n<</SYS>>\n\nHello", "Hi there"), ("a\n\nb", "x")]
+    text = "".join(f"<s>[INST] {user} [/INST] {answer} </s>" for user, answer in turns) + "<s>[INST] How? [/INST]"
+    expected = [i for user, answer in turns for i in [1, *sp.encode(f"[INST] {user} [/INST] {answer} "), 2]]
+    assert ours.encode(text) == expected + [1, *sp.encode("[INST] How? [/INST]")]
 
 
 @pytest.mark.parametrize("version", ["v1", "v3"])
