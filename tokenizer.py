@@ -23,7 +23,8 @@ Both have:
   chat_template, chat_templates        the Jinja template (str or None); all templates by name
 
 Added/special tokens ("<|im_start|>", "</s>") are cut out of the raw text first, longest match first,
-the way the `tokenizers` library does; the stretches between them are encoded on their own.
+the way the `tokenizers` library does; the stretches between them are encoded on their own (for
+SentencePiece's word-start "▁" after an added token, see SentencePieceTokenizer).
 """
 import heapq
 import json
@@ -367,13 +368,25 @@ class ByteLevelBPE:
 
 
 class SentencePieceTokenizer:
-    """tokenizer.model, with the added/special tokens cut out of the text first. Each stretch of text
-    between them is encoded on its own (SentencePiece adds its word-start "▁" to each), which is what
-    Hugging Face's Llama 2 / Mistral / TinyLlama tokenizers do (their "legacy" behaviour)."""
+    """tokenizer.model, with the added/special tokens cut out of the text first and each stretch of text
+    between them encoded on its own. SentencePiece starts every text it encodes with a word-start "▁"
+    (add_dummy_prefix); after an added token that would turn "[INST] Hello" into "[INST]", "▁", "▁Hello".
+    As mistral-common (which encodes each message on its own) and transformers do, the text's own
+    space after an added token is that "▁" instead: "[INST]", "▁Hello". With no space there,
+    legacy=True (the default, and what sentencepiece, mistral-common and Meta's Llama 2 code do) still
+    starts a word: "<s>[INST]" -> "<s>", "▁[", ...; legacy=False (tokenizer_config.json's "legacy": false,
+    as Mistral-7B-Instruct-v0.3 has; Metaspace prepend_scheme "first" in transformers) does not:
+    "[INST]Hi" -> "[INST]", "Hi". The text's start is encoded by sentencepiece itself either way."""
 
-    def __init__(self, model_path, added_tokens):
+    def __init__(self, model_path, added_tokens, legacy=True):
         self.where = str(model_path)
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        # The same model without the word-start "▁" (add_dummy_prefix=false), for text after an added
+        # token. A protobuf parser merges a message field that comes twice, so appending a normalizer_spec
+        # (field 3) holding only add_dummy_prefix (its field 3) = false changes just that setting.
+        self.sp_no_prefix = sentencepiece.SentencePieceProcessor(
+            model_proto=self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
+        self.legacy = legacy
         n = self.sp.get_piece_size()
         # The model's own control pieces (<s>, </s>) and <unk> are special tokens too: "</s>" written in
         # the text means the id, as in Hugging Face.
@@ -392,29 +405,35 @@ class SentencePieceTokenizer:
 
     def encode(self, text):
         ids = []
-        for piece in split_on_added_tokens(text, self.added_pattern, self.added_id):
+        for k, piece in enumerate(split_on_added_tokens(text, self.added_pattern, self.added_id)):
             if isinstance(piece, int):
                 ids.append(piece)
+            elif k > 0 and (piece.startswith(" ") or not self.legacy):  # after an added token (see above)
+                ids.extend(self.sp_no_prefix.encode(piece))
             else:
                 ids.extend(self.sp.encode(piece))
         return ids
 
     def decode(self, ids, skip_special_tokens=False):
-        """Runs of ordinary ids go through sentencepiece's decoder (it drops the "▁" a run starts with);
-        added tokens are their text."""
+        """Runs of ordinary ids go through sentencepiece's decoder, which drops the "▁" a run starts with,
+        except after an added token with legacy=False, where that "▁" is a space of the text; added
+        tokens are their text."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         self.check_ids(ids)
-        text, run = [], []
+        text, run, after_added = [], [], False
         for i in ids:
             if i in self.added_str:
-                text.append(self.sp.decode(run))
-                run = []
+                text.append(self.decode_run(run, after_added))
+                run, after_added = [], True
                 if not (skip_special_tokens and i in self.special_ids):
                     text.append(self.added_str[i])
             else:
                 run.append(i)
-        text.append(self.sp.decode(run))
+        text.append(self.decode_run(run, after_added))
         return "".join(text)
+
+    def decode_run(self, run, after_added):
+        return (self.sp_no_prefix if after_added and not self.legacy else self.sp).decode(run)
 
     def decode_bytes(self, ids):
         """ids -> raw bytes, concatenative like ByteLevelBPE.decode_bytes: each piece's "▁" is a space
@@ -509,7 +528,8 @@ def load_tokenizer(path):
         added = [{"id": int(id), **token}
                  for id, token in tokenizer_config.get("added_tokens_decoder", {}).items()]
         added += tokenizer_json.get("added_tokens", [])
-        tok = SentencePieceTokenizer(folder / "tokenizer.model", added)
+        tok = SentencePieceTokenizer(folder / "tokenizer.model", added,
+                                     legacy=tokenizer_config.get("legacy") is not False)
     else:
         found = "a tokenizer.json that is not a byte-level BPE" if tokenizer_json else "neither"
         raise FileNotFoundError(f"{folder}: no tokenizer found (looked for tokenizer.json with a byte-level "

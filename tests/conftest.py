@@ -21,12 +21,47 @@ def real_model_dir():
     tests are never skipped silently there.
     """
     if not os.path.isfile(os.path.join(REAL_MODEL_DIR, "model.safetensors")):
-        message = (f"real model not found at {REAL_MODEL_DIR}; "
-                   f"run `python tools/get_model.py` (or set SFT_REAL_MODEL)")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_real_data(f"real model not found at {REAL_MODEL_DIR}; "
+                          f"run `python tools/get_model.py` (or set SFT_REAL_MODEL)")
     return REAL_MODEL_DIR
+
+
+def missing_real_data(message):
+    """A skip on a developer's machine, a failure in CI (CI=true): never a silent skip there."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+MISTRAL_COMMON = "mistral-common==1.13.1"
+MISTRAL_VOCABS = {"v1": "mistral_common/data/tokenizer.model.v1",  # Mistral 7B (Instruct) v0.1/v0.2, Mixtral 8x7B
+                  "v3": "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3"}  # Mistral 7B v0.3
+
+
+@pytest.fixture(scope="session")
+def mistral_vocabs():
+    """{"v1": path, "v3": path}: Mistral's real SentencePiece tokenizer.model files, as the PyPI wheel of
+    mistral-common ships them (fetched once with `pip download` into .cache/, ~7 MB). v3 has [INST],
+    [/INST], [TOOL_CALLS], ... as control pieces. No network: a skip here, a failure in CI."""
+    import tempfile
+    import zipfile
+    folder = os.path.join(ROOT, ".cache", MISTRAL_COMMON.replace("==", "-"))
+    paths = {v: os.path.join(folder, os.path.basename(member)) for v, member in MISTRAL_VOCABS.items()}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as download:
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary",
+                                  ":all:", MISTRAL_COMMON, "-d", download], capture_output=True, text=True)
+            wheels = [os.path.join(download, f) for f in os.listdir(download) if f.endswith(".whl")]
+            if got.returncode != 0 or not wheels:
+                missing_real_data(f"could not `pip download {MISTRAL_COMMON}` for its tokenizer.model files: "
+                                  f"{got.stderr.strip()[-300:]}")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                for v, member in MISTRAL_VOCABS.items():
+                    with open(paths[v] + ".part", "wb") as f:
+                        f.write(wheel.read(member))
+                    os.replace(paths[v] + ".part", paths[v])  # whole files only, if two runs race
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ decodes back to the text; bos/eos/pad and the chat template come from the folder
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 import sentencepiece
@@ -285,6 +286,19 @@ def test_sentencepiece_special_tokens_in_text_become_their_ids(sentencepiece_fol
     assert tok.chat_template == "{{ messages }}"
 
 
+def test_sentencepiece_text_after_an_added_token_gets_no_extra_word_start_piece(sentencepiece_folder):
+    """sentencepiece starts each text with a word-start "▁"; the text's own space after an added token is
+    that "▁" (not a second one), as in mistral-common and transformers. Without a space, the default
+    (legacy, no "legacy" key in tokenizer_config.json) still starts a word there."""
+    tok = load_tokenizer(sentencepiece_folder)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_folder / "tokenizer.model"))
+    for text in ["there", "there  x", "\nthere"]:
+        assert tok.encode(f"{SP_EXTRA} {text}") == [SP_VOCAB, *reference.encode(text)]
+        assert tok.encode(f"</s>{SP_EXTRA}{text}</s>") == [2, SP_VOCAB, *reference.encode(text), 2]
+    assert tok.encode(f"{SP_EXTRA}  there") == [SP_VOCAB, *reference.encode(" there")]
+    assert tok.encode(f" {SP_EXTRA} hi") == [*reference.encode(" "), SP_VOCAB, *reference.encode("hi")]
+
+
 def test_sentencepiece_streaming_joins_to_the_text(sentencepiece_folder):
     tok = load_tokenizer(sentencepiece_folder)
     text = "Emoji 😀👍🏽 and 日本語"  # byte-fallback pieces carry the emoji a byte at a time
@@ -308,3 +322,208 @@ def test_byte_level_tokenizer_json_is_preferred_over_tokenizer_model(tmp_path, s
     (folder / "tokenizer.model").write_bytes((sentencepiece_folder / "tokenizer.model").read_bytes())
     reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
     assert load_tokenizer(folder).encode(TEXTS["english"]) == reference.encode(TEXTS["english"]).ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# SentencePiece with control tokens: Mistral's real vocabularies (v1: Mistral 7B v0.1/v0.2; v3: v0.3, with
+# [INST], [/INST], [TOOL_CALLS], ... as control pieces), from mistral-common's wheel (conftest.py).
+#
+# The references: mistral-common encodes each message on its own with sentencepiece and puts the control
+# ids between them, so the text after "[INST] " starts with one word-start "▁" (the space). transformers 5
+# (LlamaTokenizer, as Mistral-7B-Instruct-v0.3's tokenizer.json: Metaspace, prepend_scheme "first" for
+# "legacy": false, "always" for true) gives the same ids, except (1) a text that starts with a space
+# (Metaspace never doubles the "▁": " Hi" -> "▁Hi", sentencepiece gives "▁", "▁Hi") and (2) runs of
+# spaces before a word ("a  b": sentencepiece splits words first, "▁", "▁b"; transformers' BPE may merge
+# "▁▁", "b"). There we match sentencepiece, i.e. mistral-common, what the models were trained on.
+
+# text -> the ids of mistral-common 1.13.1's encode_chat_completion (users "Hello", "How?"; assistant
+# "Hi there"; then " Hello", "Hi  there ", "\nHow?"; then system "Be brief." with "a\n\nb", "x", "y"),
+# written the way each tokenizer's chat template writes the conversation (v3 drops an answer's trailing
+# spaces; v1 keeps them).
+MISTRAL_COMMON_IDS = {
+    "v1": {
+        "<s>[INST] Hello [/INST] Hi there</s>[INST] How? [/INST]":
+            [1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793, 15359, 736, 2, 733, 16289, 28793, 1602, 28804,
+             733, 28748, 16289, 28793],
+        "<s>[INST]  Hello [/INST] Hi  there </s>[INST] \nHow? [/INST]":
+            [1, 733, 16289, 28793, 28705, 22557, 733, 28748, 16289, 28793, 15359, 28705, 736, 28705, 2, 733, 16289,
+             28793, 28705, 13, 5660, 28804, 733, 28748, 16289, 28793],
+        "<s>[INST] Be brief.\n\na\n\nb [/INST] x</s>[INST] y [/INST]":
+            [1, 733, 16289, 28793, 1739, 6817, 28723, 13, 13, 28708, 13, 13, 28726, 733, 28748, 16289, 28793, 1318,
+             2, 733, 16289, 28793, 337, 733, 28748, 16289, 28793],
+    },
+    "v3": {
+        "<s>[INST] Hello[/INST] Hi there</s>[INST] How?[/INST]":
+            [1, 3, 23325, 4, 16127, 1504, 2, 3, 2370, 29572, 4],
+        "<s>[INST]  Hello[/INST] Hi  there</s>[INST] \nHow?[/INST]":
+            [1, 3, 29473, 23325, 4, 16127, 29473, 1504, 2, 3, 29473, 781, 6428, 29572, 4],
+        "<s>[INST] a\n\nb[/INST] x</s>[INST] Be brief.\n\ny[/INST]":
+            [1, 3, 1032, 781, 781, 29494, 4, 2086, 2, 3, 2507, 7585, 29491, 781, 781, 29492, 4],
+    },
+}
+
+CONTROL_TEXTS = {
+    "turns": "[INST] Hello [/INST] Hi there</s>[INST] How? [/INST]",
+    "v3 template": "<s>[INST] Hello[/INST] Hi there</s>[INST] How?[/INST]",
+    "system": "<s>[INST] a\n\nb[/INST] x",
+    "newline after control": "[INST]\nHow[/INST]\n\nfine</s>\n",
+    "space and newline": "[INST] \nHow [/INST] \n x </s> \n",
+    "no space after control": "[INST]Hello[/INST]Hi</s>[INST]?",
+    "back to back": "<s>[INST][/INST]</s></s> x</s><s>",
+    "trailing spaces": "[INST] Hi [/INST] ok </s> ",
+    "unicode": "[INST] Écris « bonjour » 🇯🇵\n[/INST] こんにちは 😀, naïve</s>",
+    "tools": '[AVAILABLE_TOOLS] [{"name": "f"}][/AVAILABLE_TOOLS][INST] Go[/INST][TOOL_CALLS] [{"name": "f"}]</s>'
+             '[TOOL_RESULTS] {"content": 4}[/TOOL_RESULTS]',
+    "text first": "Hello [INST] x [/INST]",
+}
+
+
+def with_transformers(vocabs, root):
+    """(name, legacy) -> (our tokenizer, transformers' tokenizer, sentencepiece) for each tokenizer.model in
+    vocabs ({name: path}), in an HF folder as Mistral and Meta ship it: tokenizer_config.json with "legacy"."""
+    import transformers
+    out = {}
+    for name, vocab in vocabs.items():
+        for legacy in (True, False):
+            folder = root / f"{name}-legacy-{legacy}"
+            folder.mkdir()
+            (folder / "tokenizer.model").write_bytes(open(vocab, "rb").read())
+            (folder / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>", "eos_token": "</s>"}))
+            out[name, legacy] = (load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder),
+                                 sentencepiece.SentencePieceProcessor(model_file=str(vocab)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mistral(mistral_vocabs, tmp_path_factory):
+    return with_transformers(mistral_vocabs, tmp_path_factory.mktemp("mistral"))
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory):
+    """Llama 2's vocabulary (tests/data/README.md), keyed by legacy."""
+    both = with_transformers({"llama2": DATA / "llama2-tokenizer.model"}, tmp_path_factory.mktemp("llama2"))
+    return {legacy: both["llama2", legacy] for legacy in (True, False)}
+
+
+def test_mistral_v3_text_after_a_control_token_gets_no_extra_word_start_piece(mistral):
+    ours, _, sp = mistral["v3", False]
+    assert ours.encode("[INST] Hello") == [3, sp.piece_to_id("▁Hello")]
+    assert ours.encode("[/INST] Hi there</s>") == [4, *sp.encode("Hi there"), 2]
+    assert sp.piece_to_id("▁") not in ours.encode(CONTROL_TEXTS["v3 template"])  # no lone "▁" anywhere
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_mistral_chat_ids_equal_mistral_common(mistral, version):
+    """v1 with legacy (its tokenizer starts a word after <s>: "<s>", "▁[", "INST", "]"), v3 with both."""
+    for legacy in ((True,) if version == "v1" else (True, False)):
+        ours = mistral[version, legacy][0]
+        for text, ids in MISTRAL_COMMON_IDS[version].items():
+            assert ours.encode(text) == ids, (legacy, text)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_mistral_v3_encodes_each_message_as_mistral_common_does(mistral, legacy):
+    """mistral-common's rule for v3, [INST] + sp.encode(user) + [/INST] + sp.encode(answer) + </s>, on
+    contents with leading, trailing and double spaces and newlines (checked against mistral-common 1.13.1
+    itself on 300 random conversations)."""
+    ours, _, sp = mistral["v3", legacy]
+    contents = ["Hello", " Hello", "  two", "\nnew line", " \n x", "end ", "a  b   c", "tab\there", "😀 ok",
+                "x\n\n"]
+    for user in contents:
+        for answer in contents:
+            text = f"<s>[INST] {user}[/INST] {answer}</s>[INST] {answer}[/INST]"
+            expected = [1, 3, *sp.encode(user), 4, *sp.encode(answer), 2, 3, *sp.encode(answer), 4]
+            assert ours.encode(text) == expected, text
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("name", CONTROL_TEXTS)
+def test_mistral_ids_match_transformers(mistral, version, legacy, name):
+    ours, hf, _ = mistral[version, legacy]
+    text = CONTROL_TEXTS[name]
+    assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("name", CONTROL_TEXTS)
+def test_llama2_ids_match_transformers(llama2, legacy, name):
+    ours, hf, _ = llama2[legacy]
+    text = CONTROL_TEXTS[name]
+    assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_llama2_vocabulary_gives_hugging_faces_ids_on_llama_cpps_test_texts(llama2):
+    """The rebuilt tokenizer.model is Llama 2's: the ids Hugging Face's Llama 2 tokenizer gave llama.cpp."""
+    ours = llama2[True][0]
+    texts = (DATA / "llama2-vectors.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
+    lines = (DATA / "llama2-vectors.out").read_text().split("\n")
+    assert len(texts) == len(lines) == 47
+    for text, line in zip(texts, lines):
+        assert ours.encode(text) == [int(i) for i in line.split()], text
+    assert ours.encode("<s>[INST] Hello") == [1, 518, 25580, 29962, 15043]  # "▁[", "INST", "]", "▁Hello"
+
+
+def test_llama2_chat_ids_equal_metas_reference_encoding(llama2):
+    """Meta's llama code encodes each exchange as bos + sp.encode(f"[INST] {user} [/INST] {answer} ") + eos,
+    which the Llama 2 chat template writes as "<s>[INST] {user} [/INST] {answer} </s>" (legacy: a word
+    starts after <s>)."""
+    ours, _, sp = llama2[True]
+    turns = [("<<SYS>>\nBe brief.\n<</SYS>>\n\nHello", "Hi there"), ("a\n\nb", "x")]
+    text = "".join(f"<s>[INST] {user} [/INST] {answer} </s>" for user, answer in turns) + "<s>[INST] How? [/INST]"
+    expected = [i for user, answer in turns for i in [1, *sp.encode(f"[INST] {user} [/INST] {answer} "), 2]]
+    assert ours.encode(text) == expected + [1, *sp.encode("[INST] How? [/INST]")]
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_mistral_legacy_false_decodes_back_to_the_text(mistral, version):
+    ours = mistral[version, False][0]
+    for text in [*CONTROL_TEXTS.values(), *MISTRAL_COMMON_IDS[version]]:
+        assert ours.decode(ours.encode(text)) == text
+
+
+def test_mistral_legacy_one_space_after_a_control_token_is_the_word_start(mistral):
+    """With legacy, "[INST] Hi" and "[INST]Hi" are the same ids (as in mistral-common and transformers), so
+    decode gives the form without the space; texts without a space there decode back exactly."""
+    ours = mistral["v3", True][0]
+    assert ours.encode("[INST] Hi</s> x") == ours.encode("[INST]Hi</s>x")
+    assert ours.decode(ours.encode("[INST] Hi</s>  x")) == "[INST]Hi</s> x"
+    for text in [CONTROL_TEXTS["no space after control"], CONTROL_TEXTS["newline after control"], TEXTS["code"]]:
+        assert ours.decode(ours.encode(text)) == text
+
+
+@pytest.mark.parametrize("version, legacy", [("v1", True), ("v3", False), ("v3", True)])
+def test_mistral_token_spans_tile_the_chat_text(mistral, version, legacy):
+    """Loss masks need each token's bytes in the text (templates.token_spans allows a word-start "▁" that
+    has no space in the text, as after "<s>" in v1)."""
+    from templates import token_spans
+    ours = mistral[version, legacy][0]
+    for text in [*CONTROL_TEXTS.values(), *MISTRAL_COMMON_IDS[version]]:
+        starts, ends = token_spans(ours.encode(text), text, ours)
+        assert ends[-1] == len(text.encode()) and (starts[1:] == ends[:-1]).all()
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sentencepiece_control_and_user_defined_symbols_match_transformers(tmp_path, legacy):
+    """A trained model with both kinds of special pieces: control symbols (never matched in text by
+    sentencepiece, so we cut them out) and user-defined ones (listed as added tokens in
+    tokenizer_config.json, as transformers saves them)."""
+    import transformers
+    lines = [line for text in TEXTS.values() for line in text.splitlines() if line.strip()] * 5
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "tokenizer"), vocab_size=SP_VOCAB,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        control_symbols=["[INST]", "[/INST]"], user_defined_symbols=["<tool>", "</tool>"], minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    user_defined = {str(sp.piece_to_id(t)): {"content": t, "special": False} for t in ["<tool>", "</tool>"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "added_tokens_decoder": user_defined}))
+    ours, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in [*CONTROL_TEXTS.values(), "<tool> hi</tool> x", "[INST] Hello <tool>a</tool>[/INST] ok",
+                 "x <tool>", "<tool>x", "<tool>\n</tool>\tb", "[INST]<tool>[/INST] <tool> "]:
+        assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"], text
