@@ -3,6 +3,7 @@ up exactly with the whole-text token ids, and batches are deterministic, padded 
 without one example seeing another."""
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -435,3 +436,45 @@ def test_cli_bad_input_exits_nonzero_with_file_line_and_no_traceback(tmp_path, t
     assert out.stderr.strip() == f"error: {path}:2: malformed JSON: Expecting ',' delimiter (column 20)"
     skipped = run_cli("--data", path, "--model", str(tok_dir), "--on_bad_data=skip", "--show", "0")
     assert skipped.returncode == 0 and "skipped bad records: 1 {'malformed JSON': 1}" in skipped.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preference pairs (objective = dpo | orpo)
+
+
+def test_preference_records_become_pairs_with_exact_masks_on_each_side(tmp_path, tok):
+    """Prompt as a string or as messages, answers as strings or one assistant message: the chosen
+    side is the example, the rejected one rides along; only each final answer and its <|im_end|> are
+    trained, and the prompt's tokens are the same on both sides."""
+    path = write(tmp_path, "prefs.jsonl", [
+        json.dumps({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon, surely."}),
+        json.dumps({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                               {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}],
+                    "chosen": [{"role": "assistant", "content": "6"}],
+                    "rejected": [{"role": "assistant", "content": "7"}]})])
+    train, _, stats = data.load_datasets(config([path]), tok, log=lambda line: None)
+    assert stats.lines[1].endswith("preference, 2 records")
+    for example, (good, bad) in zip(train, [("Paris.", "Lyon, surely."), ("6", "7")]):
+        chosen, rejected = example, example["rejected"]
+        assert trained_text(tok, chosen["input_ids"], chosen["labels"]) == good + "<|im_end|>"
+        assert trained_text(tok, rejected["input_ids"], rejected["labels"]) == bad + "<|im_end|>"
+        prompt = int((chosen["labels"] != -100).argmax())  # the first trained token
+        assert chosen["input_ids"][:prompt].tolist() == rejected["input_ids"][:prompt].tolist()
+    batch = data.collate_pairs(train, [[0], [1]], 512, tok.pad_id)
+    assert batch["n_pairs"] == 2 and batch["input_ids"].shape[0] == 4
+    assert batch["n_trained"] == sum(int((ex["labels"] != -100).sum()) for ex in train)  # the chosen sides
+    assert batch["input_ids"][2, :len(train[0]["rejected"]["input_ids"])].tolist() == \
+        train[0]["rejected"]["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "Q?", "chosen": "A.", "rejected": "A."}, "prefs.jsonl:1: chosen and rejected are the same answer"),
+    ({"prompt": "Q?", "chosen": "A."}, "prefs.jsonl:1: field 'rejected' should be a string or a list of one"),
+    ({"prompt": "Q?", "chosen": [{"role": "user", "content": "A."}], "rejected": "B."},
+     "prefs.jsonl:1: field 'chosen' should be a string or a list of one assistant message"),
+    ({"chosen": "A.", "rejected": "B."}, "prefs.jsonl:1: missing field 'prompt'"),
+])
+def test_bad_preference_record_stops_with_file_line_and_reason(tmp_path, tok, record, message):
+    path = write(tmp_path, "prefs.jsonl", [json.dumps(record)])
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.load_datasets(config([path]), tok, log=lambda line: None)

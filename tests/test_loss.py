@@ -4,6 +4,7 @@ or an empty micro-batch leak in; the fused twins use less memory than materializ
 import contextlib
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -286,3 +287,85 @@ def test_fused_loss_peak_memory_is_lower_than_full_logits():
           f"{mib['logits']:.0f} MiB)")
     assert result["full"] >= result["logits"]  # the plain way holds at least the logits
     assert result["chunked"] < result["full"] / 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preference losses: DPO and ORPO against an independent fp64 computation from the full logits
+
+
+def preference_inputs(P=3, T=9, C=16, V=50, seed=0):
+    """hidden (2P, T, C), weight (V, C), targets (2P, T): P chosen rows then P rejected rows, each with
+    a prompt (not trained), an answer (trained) and padding (not trained)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(2 * P, T, C, generator=g), torch.randn(V, C, generator=g) * 0.3
+    targets = torch.randint(0, V, (2 * P, T), generator=g)
+    for b in range(2 * P):
+        start, end = 2 + b % 3, T - b % 2
+        targets[b, :start], targets[b, end:] = -100, -100
+    return hidden, weight, targets
+
+
+def fp64_logps(hidden, weight, targets):
+    """Sum of log p(target) per row, and the count, from the full (B, T, V) logits in fp64, one by one."""
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    sums, counts = [], []
+    for b in range(targets.shape[0]):
+        picked = [logp[b, t, targets[b, t]] for t in range(targets.shape[1]) if targets[b, t] != -100]
+        sums.append(torch.stack(picked).sum())
+        counts.append(len(picked))
+    return torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
+
+
+def fp64_dpo(hidden, weight, ref_hidden, targets, beta):
+    pi, _ = fp64_logps(hidden, weight, targets)
+    ref, _ = fp64_logps(ref_hidden, weight, targets)
+    P = len(pi) // 2
+    margin = beta * ((pi[:P] - ref[:P]) - (pi[P:] - ref[P:]))
+    return torch.log1p(torch.exp(-margin))                      # -log σ(x) = log(1 + e^-x)
+
+
+def fp64_orpo(hidden, weight, targets):
+    logps, n = fp64_logps(hidden, weight, targets)
+    P = len(logps) // 2
+    m = logps / n                                                # mean token log-prob = log P(y)
+    log_odds = m - torch.log(1 - torch.exp(m))                   # log(P / (1 - P))
+    return torch.log1p(torch.exp(-(log_odds[:P] - log_odds[P:])))
+
+
+def test_dpo_and_orpo_losses_equal_an_fp64_computation_from_full_logits():
+    hidden, weight, targets = preference_inputs()
+    ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+    logps, n = loss.sequence_logps(hidden, weight, targets)
+    ref, _ = loss.sequence_logps(ref_hidden, weight, targets)
+    expected, counts = fp64_logps(hidden, weight, targets)
+    assert torch.allclose(logps.double(), expected, atol=1e-5, rtol=0) and torch.equal(n.double(), counts)
+    P = len(logps) // 2
+    dpo = loss.dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], beta=0.1)[0]
+    assert (dpo.double() - fp64_dpo(hidden, weight, ref_hidden, targets, 0.1)).abs().max() <= 1e-6
+    orpo = loss.orpo_loss(logps[:P], logps[P:], n[:P], n[P:])[0]
+    assert (orpo.double() - fp64_orpo(hidden, weight, targets)).abs().max() <= 1e-6
+
+
+def test_dpo_loss_is_log_2_when_the_policy_is_the_reference():
+    logps = torch.tensor([-12.5, -3.0, -40.0])
+    losses, chosen, rejected = loss.dpo_loss(logps, logps - 2.0, logps, logps - 2.0, beta=0.5)
+    assert torch.allclose(losses, torch.full((3,), math.log(2.0)), atol=1e-7)
+    assert torch.equal(chosen, torch.zeros(3)) and torch.equal(rejected, torch.zeros(3))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_gradient_equals_autograd_of_the_fp64_formula(objective):
+    hidden, weight, targets = preference_inputs(seed=2)
+    ref_hidden = hidden + 0.2
+    ours = hidden.clone().requires_grad_(True)
+    logps, n = loss.sequence_logps(ours, weight, targets)
+    P = len(logps) // 2
+    if objective == "dpo":
+        ref = loss.sequence_logps(ref_hidden, weight, targets)[0]
+        loss.dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], 0.1)[0].sum().backward()
+    else:
+        loss.orpo_loss(logps[:P], logps[P:], n[:P], n[P:])[0].sum().backward()
+    reference = hidden.double().requires_grad_(True)
+    (fp64_dpo(reference, weight, ref_hidden, targets, 0.1) if objective == "dpo"
+     else fp64_orpo(reference, weight, targets)).sum().backward()
+    assert torch.allclose(ours.grad.double(), reference.grad, rtol=1e-4, atol=1e-7)

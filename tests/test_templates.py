@@ -554,3 +554,22 @@ def test_real_tokenizer_and_template_give_the_text_and_ids_of_the_reference(tmp_
     first = "4" if name == "qwen3" else "<think>\nadd them\n</think>\n\n4"
     assert trained_runs(ours, ids, labels) == [first + end, last + end]
     assert ours.token_to_id(end) in data.stop_ids(ours, "auto")
+
+
+def test_mistral_v3_real_vocabulary_gives_mistral_commons_ids_and_masks(mistral_vocabs, tmp_path):
+    """Mistral-7B-Instruct-v0.3: its tokenizer.model (v3, [INST]/[/INST] control pieces, legacy false as
+    its tokenizer_config.json says) and template: auto picks mistral-v3, and the ids are mistral-common's
+    encoding, [INST] + sp(user) + [/INST] + sp(answer) + </s> per exchange, with the system message in the
+    last user turn; the answers and </s> are trained."""
+    shutil.copy(mistral_vocabs["v3"], tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "legacy": False, "chat_template": MISTRAL_V3}))
+    ours = load_tokenizer(tmp_path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    messages = CONVERSATIONS["multi-turn"]
+    assert data.resolve_template("auto", ours)[0] == "mistral-v3"
+    ids, labels = data.render(messages, ours, "auto")
+    user2 = messages[0]["content"] + "\n\n" + messages[3]["content"]
+    assert ids == [1, 3, *sp.encode(messages[1]["content"]), 4, *sp.encode(messages[2]["content"]), 2,
+                   3, *sp.encode(user2), 4, *sp.encode(messages[4]["content"]), 2]
+    assert trained_runs(ours, ids, labels) == [" 4</s>", " 6, of course.</s>"]

@@ -1,5 +1,6 @@
 """train.py end to end on the tiny model: exact resume, DDP, interruptions, config errors."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -158,3 +159,45 @@ def test_distillation_changes_the_update_but_not_the_logged_sft_loss(tiny_model,
     assert metrics(plain)[0]["train_loss"] == pytest.approx(metrics(distilled)[0]["train_loss"], abs=1e-6)
     a, b = final_weights(plain), final_weights(distilled)
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+
+
+def preference_file(tmp_path, n=24):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {k} plus {k}?", "chosen": f"{2 * k}.",
+                                        "rejected": f"I think it is {2 * k + 1}, or so."}) + "\n"
+                            for k in range(n)))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_starts_at_log_2_and_learns_to_prefer_the_chosen_answers(tiny_model, tmp_path, method):
+    """At step 1 the policy is the reference (a fresh adapter, or the frozen copy of the full model), so
+    the DPO loss is log 2 and the reward margin 0; then the chosen answers gain on the rejected ones."""
+    out = str(tmp_path / "dpo")
+    run_train([f"--train_data=['{preference_file(tmp_path)}']", "--objective=dpo", "--dpo_beta=0.5",
+               f"--method={method}", "--max_steps=8", "--lr=3e-3" if method == "lora" else "--lr=3e-4",
+               "--val_fraction=0.25", "--eval_every=8"], out)
+    records = metrics(out)
+    assert records[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert {"reward_accuracy", "logp_chosen", "logp_rejected", "sft_loss"} <= records[0].keys()
+    assert records[-1]["reward_margin"] > 0.1 and records[-1]["train_loss"] < math.log(2) - 0.05
+    assert records[-1]["val_loss"] < math.log(2)  # the DPO loss on held-out pairs
+
+
+def test_orpo_adds_the_odds_ratio_term_to_the_sft_loss_of_the_chosen_answers(tiny_model, tmp_path):
+    sft, orpo = str(tmp_path / "sft"), str(tmp_path / "orpo")
+    prefs = preference_file(tmp_path)
+    run_train([f"--train_data=['{prefs}']", "--max_steps=4", "--lr=3e-3", "--val_fraction=0"], sft)
+    run_train([f"--train_data=['{prefs}']", "--objective=orpo", "--orpo_lambda=0.5", "--max_steps=4",
+               "--lr=3e-3", "--val_fraction=0"], orpo)
+    first_sft, first_orpo = metrics(sft)[0], metrics(orpo)[0]
+    assert first_orpo["sft_loss"] == pytest.approx(first_sft["train_loss"], abs=1e-5)  # SFT on the chosen sides
+    assert first_orpo["train_loss"] > first_orpo["sft_loss"]  # + λ · -log σ(log odds ratio) > 0
+    assert metrics(orpo)[-1]["reward_margin"] > first_orpo["reward_margin"]
+
+
+def test_dpo_on_sft_data_is_a_one_line_error(tiny_model, tmp_path):
+    proc = run_train(["--objective=dpo"], str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2
+    assert "error: objective = 'dpo' needs preference data (prompt, chosen, rejected)" in proc.stderr
