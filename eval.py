@@ -28,6 +28,8 @@ the folder given with --model. Each is measured on held-out data only:
 The report (markdown, with a table of test prompts and both models' answers) goes to the run folder:
 --out, else the adapter's or model's parent folder, else the config's out_dir.
 --base_cache DIR reuses the base model's metrics from an earlier run with identical settings.
+--pref_data FILE: held-out preference pairs (prompt, chosen, rejected): how often each model finds the
+chosen answer more likely, and for the fine-tuned model DPO's reward accuracy and margin against the base.
 --limit N uses the first N examples of each set. With --json the last line printed is one JSON
 object: the fine-tuned model's metrics (the base's when there is none), forgetting_ppl_base and
 forgetting_ppl_tuned, and every metric of both models under "base" and "tuned".
@@ -48,7 +50,7 @@ import data
 import fast
 import lora
 from config import ConfigError, UserError, fetch_model, parse_cli, resolve_hardware, script
-from loss import fused_cross_entropy, masked_cross_entropy
+from loss import fused_cross_entropy, masked_cross_entropy, sequence_logps
 from model import generate, load_model
 from tokenizer import load_tokenizer
 
@@ -242,6 +244,42 @@ def prompts_and_references(conversations, where):
     return pairs
 
 
+def preference_pairs(cfg, tokenizer, path, limit):
+    """The rendered pairs of a preference file (prompt, chosen, rejected), as training renders them."""
+    stats = data.DataStats()
+    conversations = data.read_conversations(path, "preference", cfg.on_bad_data, stats)[1][:limit or None]
+    return data.render_examples(conversations, tokenizer, data.resolve_template(cfg.template, tokenizer), cfg,
+                                "test", stats)
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, pairs, batch_size):
+    """(P, 2) fp64: the summed log-probability of each pair's chosen and rejected answer."""
+    out, device = [], device_of(model)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="preference pairs", file=sys.stderr, leave=False):
+        rows = [[i] for i in range(start, min(start + batch_size, len(pairs)))]
+        longest = max(len(side["input_ids"]) for [i] in rows for side in (pairs[i], pairs[i]["rejected"]))
+        batch = data.collate_pairs(pairs, rows, longest, tokenizer.pad_id)
+        hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                       return_hidden=True)
+        logps = sequence_logps(hidden, model.lm_head.weight, batch["targets"].to(device))[0].double().cpu()
+        out.append(torch.stack([logps[:len(rows)], logps[len(rows):]], dim=1))
+    return torch.cat(out)
+
+
+def preference_metrics(logps, reference=None, beta=0.1):
+    """How often the chosen answer is the more likely one, and by how much (log-probability); with the
+    base model's logps as the reference, DPO's implicit rewards r = β (log π - log π_ref): how often the
+    chosen answer's reward is the higher (reward accuracy), and the mean reward margin."""
+    metrics = {"pref_accuracy": (logps[:, 0] > logps[:, 1]).double().mean().item(),
+               "pref_logp_margin": (logps[:, 0] - logps[:, 1]).mean().item()}
+    if reference is not None:
+        rewards = beta * (logps - reference)
+        metrics.update(reward_accuracy=(rewards[:, 0] > rewards[:, 1]).double().mean().item(),
+                       reward_margin=(rewards[:, 0] - rewards[:, 1]).mean().item())
+    return metrics
+
+
 def generate_answers(model, tokenizer, template, prompts, max_new_tokens, batch_size=16):
     """Greedy answers to a list of conversations (each ends before the answer), rendered with the
     same template code as training. Batched by prompt length; generate() left-pads each batch."""
@@ -360,6 +398,10 @@ METRIC_ROWS = [  # (key, label, format, better)
     ("valid_json", "valid JSON", "{:.1%}", "higher"),
     ("field_accuracy", "JSON field accuracy", "{:.1%}", "higher"),
     ("mc_accuracy", "multiple-choice accuracy", "{:.1%}", "higher"),
+    ("pref_accuracy", "preference pairs: chosen more likely than rejected", "{:.1%}", "higher"),
+    ("pref_logp_margin", "preference pairs: log p(chosen) - log p(rejected)", "{:.3f}", "higher"),
+    ("reward_accuracy", "preference pairs: DPO reward accuracy (vs base)", "{:.1%}", "higher"),
+    ("reward_margin", "preference pairs: DPO reward margin (vs base)", "{:.3f}", "higher"),
     ("forgetting_ppl", "general-text perplexity (forgetting)", "{:.3f}", "lower"),
     ("forgetting_bpb", "general-text bits per byte (forgetting)", "{:.4f}", "lower"),
     ("seconds", "evaluation time (s)", "{:.0f}", None),
@@ -441,7 +483,7 @@ def main(argv=None):
         "adapter": "", "model": "", "test_data": "", "limit": 0, "json": False, "out": "", "show": 10,
         "mc_data": os.path.join(ROOT, "data", "eval", "mc.jsonl"), "max_new_tokens": 0,
         "general_text": os.path.join(ROOT, "data", "eval", "general.txt"), "eval_batch_size": 16,
-        "base_cache": ""})
+        "base_cache": "", "pref_data": ""})
     if flags["adapter"] and flags["model"]:
         raise ConfigError("give --adapter (LoRA on the config's model) or --model (a model folder), not both")
     cfg.model = fetch_model(cfg.model)
@@ -453,15 +495,23 @@ def main(argv=None):
         tokenizer = load_tokenizer(cfg.model)
         model = with_kernels(load_model(cfg.model, dtype=dtype, device=device), cfg, device)
         base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
+        pref = flags["pref_data"]  # held-out preference pairs: how often the chosen answer wins
+        base_pairs = pair_logps(model, tokenizer, preference_pairs(cfg, tokenizer, pref, flags["limit"]),
+                                flags["eval_batch_size"]) if pref else None
+        base.update(preference_metrics(base_pairs) if pref else {})
         tuned, tuned_answers, tuned_name = None, [], flags["adapter"] or flags["model"]
         if flags["adapter"]:  # the same base weights with the LoRA layers added in place
             model = with_kernels(lora.load_adapter(model, flags["adapter"]), cfg, device)
-            tuned, tuned_answers = evaluate(model, tokenizer, cfg, sets, flags, "fine-tuned")
         elif flags["model"]:
             del model
             tokenizer = load_tokenizer(flags["model"])
             model = with_kernels(load_model(flags["model"], dtype=dtype, device=device), cfg, device)
+        if tuned_name:
             tuned, tuned_answers = evaluate(model, tokenizer, cfg, sets, flags, "fine-tuned")
+            if pref:
+                pairs = pair_logps(model, tokenizer, preference_pairs(cfg, tokenizer, pref, flags["limit"]),
+                                   flags["eval_batch_size"])
+                tuned.update(preference_metrics(pairs, base_pairs, cfg.dpo_beta))
     except (OSError, ValueError) as e:  # a file that cannot be read, an adapter that does not fit
         raise UserError(str(e)) from None
 

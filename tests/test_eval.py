@@ -14,7 +14,9 @@ import torch.nn as nn
 import eval as ev
 import lora
 import model as model_lib
+from config import Config
 from conftest import ROOT
+from tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_demo_data  # noqa: E402
@@ -253,6 +255,36 @@ def test_eval_compares_base_and_adapter_and_prints_json_last(tiny_smollm_dir, tm
     assert "| metric | base | fine-tuned | change |" in report
     assert "| 3 | " in report and "| 4 | " not in report  # --limit 3: three test prompts shown
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["exact_match"] == metrics["exact_match"]
+
+
+def test_eval_reports_reward_accuracy_and_margin_on_held_out_preference_pairs(tiny_smollm_dir, tmp_path):
+    """The base's preference accuracy is how often it finds the chosen answer more likely; the tuned
+    model's DPO rewards β (log π - log π_base), recomputed here from the two models' log-probabilities."""
+    model = model_lib.load_model(tiny_smollm_dir)
+    lora.apply_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.weight.normal_(0.0, 0.5)
+    lora.save_adapter(model, str(tmp_path / "run" / "adapter"), base_model_path=tiny_smollm_dir)
+    config = tmp_path / "tiny.py"
+    config.write_text(f"model = {tiny_smollm_dir!r}\ndtype = 'float32'\ndpo_beta = 0.5\n")
+    result = subprocess.run([sys.executable, "eval.py", "--config", str(config), "--adapter",
+                             str(tmp_path / "run" / "adapter"), "--pref_data", "data/examples/preference.jsonl",
+                             "--mc_data", "", "--general_text", "", "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 <= metrics["base"]["pref_accuracy"] <= 1 and "reward_accuracy" not in metrics["base"]
+    cfg = Config(model=tiny_smollm_dir)
+    tokenizer = load_tokenizer(tiny_smollm_dir)
+    pairs = ev.preference_pairs(cfg, tokenizer, "data/examples/preference.jsonl", 0)
+    base = ev.pair_logps(model_lib.load_model(tiny_smollm_dir), tokenizer, pairs, 2)
+    tuned = ev.pair_logps(lora.load_adapter(model_lib.load_model(tiny_smollm_dir), str(tmp_path / "run" / "adapter")),
+                                tokenizer, pairs, 3)
+    rewards = 0.5 * (tuned - base)
+    assert metrics["tuned"]["reward_margin"] == pytest.approx((rewards[:, 0] - rewards[:, 1]).mean().item(), abs=1e-5)
+    assert metrics["tuned"]["reward_accuracy"] == (rewards[:, 0] > rewards[:, 1]).double().mean().item()
+    assert metrics["base"]["pref_accuracy"] == (base[:, 0] > base[:, 1]).double().mean().item()
 
 
 def test_base_cache_reuses_the_base_metrics_only_for_identical_settings(tiny_smollm_dir, tmp_path):
