@@ -198,7 +198,8 @@ def test_bundled_multiple_choice_set_is_well_formed_and_balanced():
 
 
 def test_demo_data_files_are_what_the_generator_writes():
-    for name, records in make_demo_data.make_splits(seed=0).items():
+    splits = make_demo_data.make_splits(seed=0)
+    for name, records in {**splits, **make_demo_data.preference_splits(splits, seed=0)}.items():
         with open(os.path.join(ROOT, "data", "demo", f"{name}.jsonl"), encoding="utf-8") as f:
             assert [json.loads(line) for line in f] == records, f"data/demo/{name}.jsonl is stale"
 
@@ -217,6 +218,16 @@ def test_demo_splits_share_no_message_and_answers_follow_the_schema():
         assert answer["product"] in make_demo_data.PRODUCTS or answer["product"] is None
         if answer["order_id"]:
             assert answer["order_id"][1:] in user["content"]  # the number is in the message
+
+
+def test_demo_preference_pairs_differ_from_the_right_ticket_in_exactly_one_field():
+    splits = make_demo_data.make_splits(seed=0)
+    pairs = make_demo_data.preference_splits(splits, seed=0)
+    assert {k: len(v) for k, v in pairs.items()} == {"preference_train": 2400, "preference_val": 200}
+    for pair, record in zip(pairs["preference_val"], splits["val"]):
+        chosen, rejected = json.loads(pair["chosen"]), json.loads(pair["rejected"])
+        assert pair["prompt"] == record["messages"][:2] and pair["chosen"] == record["messages"][2]["content"]
+        assert sum(chosen[k] != rejected[k] for k in make_demo_data.FIELDS) == 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Write the demo task: customer-support messages -> one JSON ticket with a fixed schema.
 
-    python tools/make_demo_data.py            # writes data/demo/{train,val,test}.jsonl
+    python tools/make_demo_data.py   # writes data/demo/{train,val,test}.jsonl and preference_{train,val}.jsonl
 
 Every example is an OpenAI-style conversation (the "messages" format of data.py):
 
@@ -251,13 +251,40 @@ def make_splits(seed=0, sizes=SPLITS):
     return splits
 
 
+# Preference pairs for DPO/ORPO (course lesson 11): the prompt of a demo example, the right ticket
+# (chosen), and the same ticket with one field wrong (rejected). Urgency first: it is the field the
+# fine-tuned demo model gets wrong most often (71.5% right, docs/results/demo_eval.md), between
+# neighbouring values ("low" <-> "medium" <-> "high"), as the model's own mistakes are.
+WRONG_FIELD = {"urgency": 0.6, "category": 0.2, "sentiment": 0.2}
+NEIGHBOURS = {"urgency": {"low": ["medium"], "medium": ["low", "high"], "high": ["medium"]},
+              "sentiment": {"negative": ["neutral"], "neutral": ["negative", "positive"], "positive": ["neutral"]}}
+
+
+def preference_pair(record, rng):
+    """{"prompt": [system, user], "chosen": answer, "rejected": the answer with one field wrong}."""
+    system, user, assistant = record["messages"]
+    answer = json.loads(assistant["content"])
+    field = rng.choices(list(WRONG_FIELD), weights=list(WRONG_FIELD.values()))[0]
+    wrong = (NEIGHBOURS[field][answer[field]] if field in NEIGHBOURS
+             else [c for c in sorted(CORE) if c != answer[field]])
+    rejected = dict(answer, **{field: rng.choice(wrong)})
+    return {"prompt": [system, user], "chosen": assistant["content"], "rejected": answer_text(rejected)}
+
+
+def preference_splits(splits, seed=0):
+    """Pairs from the train and val splits (never the test split, which eval.py scores)."""
+    rng = random.Random(seed + 1)
+    return {f"preference_{name}": [preference_pair(r, rng) for r in splits[name]] for name in ("train", "val")}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    for name, records in make_splits(args.seed).items():
+    splits = make_splits(args.seed)
+    for name, records in {**splits, **preference_splits(splits, args.seed)}.items():
         path = os.path.join(args.out, f"{name}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for record in records:
