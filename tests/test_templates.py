@@ -497,14 +497,7 @@ def test_sentencepiece_masks_cover_exactly_the_answers(sentencepiece_folder, fam
     messages = CONVERSATIONS["multi-turn"][1:] if family == "mistral" else CONVERSATIONS["multi-turn"]
     ids, labels = data.render(messages, tok, family)
     assert ids == tok.encode(data.format_chat(messages, family, tokenizer=tok))
-    trained_runs, run = [], b""
-    for i, label in zip(ids, labels):
-        if label != -100:
-            run += tok.decode_bytes([i])
-        elif run:
-            trained_runs, run = trained_runs + [run], b""
-    trained_runs += [run] if run else []
-    assert [r.decode() for r in trained_runs] == answers
+    assert trained_runs(tok, ids, labels) == answers
 
 
 # ---------------------------------------------------------------------------------------------------
