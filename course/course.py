@@ -123,7 +123,7 @@ class Course:
         self.commands.append((record["command"], record["seconds"] / 60, record.get("skipped", False)))
         return dict(sweep.summarize_run(out_dir), dir=out_dir)
 
-    def evaluate(self, name, *flags, weights=None, out="eval", config=BASELINE):
+    def evaluate(self, name, *flags, weights=None, out="eval", config=BASELINE, limit=EVAL_LIMIT):
         """eval.py on run NAME's adapter (or model folder, or weights=best) -> eval.json's metrics.
         Skipped when NAME/OUT/eval.json exists."""
         run = self.run_dir(name)
@@ -133,7 +133,7 @@ class Course:
                    "--adapter" if os.path.isfile(os.path.join(folder, "adapter_config.json")) else "--model",
                    rel(folder), *flags, "--out", rel(os.path.join(run, out)), "--show", "3",
                    "--base_cache", rel(os.path.join(self.runs_dir, "base_cache")),  # the base model once
-                   *(QUICK_EVAL if self.quick else ["--limit", str(EVAL_LIMIT)])]
+                   *(QUICK_EVAL if self.quick else ["--limit", str(limit)])]
         if not os.path.exists(result):
             self.python(*command)
             with open(result) as f:
@@ -516,13 +516,49 @@ def lesson_10(c):
     c.write(10, "data_quality", "data quality vs quantity", body)
 
 
+PREF_VAL = "data/demo/preference_val.jsonl"  # held-out pairs: validation loss, and eval.py --pref_data
+PREFERENCE_DATA = ["--train_data=['data/demo/preference_train.jsonl']", f"--val_data={PREF_VAL}"]
+
+
+def lesson_11(c):
+    """After SFT: DPO from the SFT model, and ORPO (SFT + preference in one loss) from the base model."""
+    sft = c.train("11_sft", "--merge=True")  # the baseline, with its merged weights for DPO to start from
+    runs = [("SFT (the baseline)", "11_sft", BASELINE, c.evaluate("11_sft", "--pref_data", PREF_VAL, limit=200))]
+    merged = rel(os.path.join(sft["dir"], "merged"))
+    c.train("11_sft_dpo", f"--model={merged}", *PREFERENCE_DATA, config="configs/course/11_dpo.py")
+    runs.append(("SFT, then DPO", "11_sft_dpo", "configs/course/11_dpo.py",
+                 c.evaluate("11_sft_dpo", "--pref_data", PREF_VAL, config="configs/course/11_dpo.py", limit=200)))
+    c.train("11_orpo", *PREFERENCE_DATA, config="configs/course/11_orpo.py")
+    runs.append(("ORPO alone", "11_orpo", "configs/course/11_orpo.py",
+                 c.evaluate("11_orpo", "--pref_data", PREF_VAL, limit=200)))
+    base = runs[0][3]["base"]
+    rows = [["base model", "", pct(base["exact_match"]), pct(base["field_accuracy"]), pct(base["pref_accuracy"]),
+             num(base["forgetting_ppl"], ".3f"), ""]]
+    for label, name, _, e in runs:
+        tuned = e["tuned"]
+        minutes = sweep.summarize_run(c.run_dir(name))["minutes"]
+        rows.append([label, num(minutes, ".1f"), pct(tuned["exact_match"]), pct(tuned["field_accuracy"]),
+                     pct(tuned["pref_accuracy"]), num(tuned["forgetting_ppl"], ".3f"),
+                     f"{tuned['forgetting_ppl'] / base['forgetting_ppl'] - 1:+.1%}"])
+    dpo = runs[1][3]["tuned"]
+    body = ["## Exact match and field accuracy on the demo's 200 test examples, and the forgetting check", "",
+            table(["model", "training minutes", "exact match", "field accuracy",
+                   "held-out pairs: chosen more likely", "general-text ppl", "vs base"], rows), "",
+            f"DPO against its reference (the SFT model) on the held-out pairs: reward accuracy "
+            f"{pct(dpo['reward_accuracy'])}, mean reward margin {num(dpo['reward_margin'], '.3f')}.", "",
+            "Field accuracy by field (test set): " + "; ".join(
+                f"{label}: " + ", ".join(f"{k} {pct(v)}" for k, v in e["tuned"]["field_accuracy_by_field"].items())
+                for label, _, _, e in runs if "field_accuracy_by_field" in e["tuned"]) + "."]
+    c.write(11, "preference", "preference tuning after SFT: DPO and ORPO", body)
+
+
 LESSONS = {1: lesson_1, 2: lesson_2, 3: lesson_3, 4: lesson_4, 5: lesson_5,
-           6: lesson_6, 7: lesson_7, 8: lesson_8, 9: lesson_9, 10: lesson_10}
+           6: lesson_6, 7: lesson_7, 8: lesson_8, 9: lesson_9, 10: lesson_10, 11: lesson_11}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("lesson", help="a lesson number (1-10) or 'all'")
+    p.add_argument("lesson", help="a lesson number (1-11) or 'all'")
     p.add_argument("--quick", action="store_true", help="the tiny model and 2 steps: checks, not results")
     p.add_argument("--runs_dir", default=os.path.join(ROOT, "runs", "course"))
     p.add_argument("--results_dir", default=os.path.join(ROOT, "course", "results"))
