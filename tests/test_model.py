@@ -1,10 +1,12 @@
 """model.py: logits parity with transformers for each family, generation, loading errors."""
+import copy
 import json
 import os
 
 import pytest
 import torch
 
+import fast
 from conftest import save_tiny_model
 from model import ModelLoadError, generate, load_model, read_config, save_model
 
@@ -157,6 +159,7 @@ def test_gemma3_logits_equal_transformers_with_every_weight_randomized(tmp_path,
     ids = random_ids(128, T=40)  # 5 windows of 8 tokens
     assert hf_logits(hf, ids).std() > 1  # logits of order 1: a wrong detail shows
     assert max_diff_to_transformers(ours, hf, ids) <= 1e-4
+    assert max_diff_to_transformers(fast.accelerate(copy.deepcopy(ours)), hf, ids) <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
@@ -184,6 +187,7 @@ def test_gemma3_greedy_generation_with_kv_cache_equals_transformers(tmp_path, fa
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                       pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
     assert generate(ours, [prompt], max_new_tokens=20)[0] == ref
+    assert generate(fast.accelerate(ours), [prompt], max_new_tokens=20)[0] == ref
 
 
 def test_gemma3_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
