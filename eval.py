@@ -51,7 +51,7 @@ import fast
 import lora
 from config import ConfigError, UserError, fetch_model, parse_cli, resolve_hardware, script
 from loss import fused_cross_entropy, masked_cross_entropy, sequence_logps
-from model import generate, load_model
+from model import check_logits_are_lm_head, generate, load_model
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -144,6 +144,7 @@ def language_model_loss(model, tokenizer, examples, batch_size=8, desc="loss", f
     """{"loss", "ppl", "bpb", "tokens", "bytes"} over examples ({"input_ids", "labels"}, as
     data.render_examples makes them). Token-weighted: sum of every trained token's loss / tokens.
     Examples are batched by length, one per row, right-padded: causal attention never looks right."""
+    check_logits_are_lm_head(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, tokens, device = 0.0, 0, device_of(model)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, file=sys.stderr, leave=False):

@@ -17,9 +17,9 @@ Short-lived temporaries count too on a CPU: freed between tensors that live unti
 holes in the C heap that later, larger tensors do not fit, and the peak resident memory grows.
 
     rmsnorm   RMSNorm with its backward written out: keeps x and one number per token, and makes
-              no (..., C) temporaries
-    mlp       SwiGLU with its backward written out (keeps gate and up, not silu(gate)), and its
-              output recomputed in backward instead of kept by down_proj
+              no (..., C) temporaries (gemma3's (1 + w) norm: one, its fp32 product)
+    mlp       SwiGLU (gemma3: GeGLU) with its backward written out (keeps gate and up, not
+              silu(gate)), and its output recomputed in backward instead of kept by down_proj
     attention RoPE with fewer temporaries
     block     the two norm outputs of a block recomputed in backward instead of kept by the
               projections that read them (selective recomputation)
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lora import LoRALinear
-from model import MLP, Attention, Block, RMSNorm
+from model import MLP, Attention, Block, GemmaBlock, GemmaRMSNorm, RMSNorm
 from nf4 import NF4_CODE, NF4Linear, nf4_absmax
 
 
@@ -56,9 +56,10 @@ def upcast(x):
 
 class RMSNormFunction(torch.autograd.Function):
     """y = w * (x * r) with r = 1 / sqrt(mean(x^2) + eps) per token: model.RMSNorm's formula (equal
-    up to the rounding of the sum of squares).
+    up to the rounding of the sum of squares). With offset (gemma3, model.GemmaRMSNorm) the gain is
+    1 + w and the product is taken in fp32 before the cast to x's dtype.
 
-    Backward, with x_hat = x r and g = dL/dy:
+    Backward, with x_hat = x r, g = dL/dy and the gain w (1 + w with offset):
         dL/dw = sum over tokens of g * x_hat
         dL/dx = r * (g w - x_hat * mean(g w x_hat))
     Kept for backward: x (its own dtype) and r (one fp32 number per token); plain autograd keeps an
@@ -66,29 +67,38 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, offset=False):
         # mean(x^2) as ||x||^2 / C, and x * r written straight into x's dtype: no (..., C) temporaries
         xf = upcast(x)
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow(2) / x.shape[-1] + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, r)
+        ctx.offset = offset
+        if offset:
+            return (xf * r).mul_(1.0 + weight.to(xf.dtype)).to(x.dtype)
         return weight * torch.mul(xf, r, out=torch.empty_like(x))
 
     @staticmethod
     def backward(ctx, g):
         x, weight, r = ctx.saved_tensors
         x_hat = upcast(x) * r
-        gw = upcast(g) * upcast(weight)
+        gw = upcast(g) * (upcast(weight) + ctx.offset)
         grad_x = r * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))
         grad_w = None
         if ctx.needs_input_grad[1]:
-            # the forward rounded x_hat to x's dtype before the product with w: use that value
-            grad_w = (upcast(g) * upcast(x_hat.to(x.dtype))).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x.to(x.dtype), grad_w, None
+            # without offset the forward rounded x_hat to x's dtype before the product with w: use that value
+            x_hat = x_hat if ctx.offset else upcast(x_hat.to(x.dtype))
+            grad_w = (upcast(g) * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x.to(x.dtype), grad_w, None, None
 
 
 class FastRMSNorm(RMSNorm):
     def forward(self, x):
         return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class FastGemmaRMSNorm(GemmaRMSNorm):
+    def forward(self, x):
+        return RMSNormFunction.apply(x, self.weight, self.eps, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +196,35 @@ def swiglu(gate, up):
     return SwiGLUFunction.apply(gate, up)
 
 
+class GeGLUFunction(torch.autograd.Function):
+    """y = gelu(gate) * up, gelu in its tanh form (gemma3's GeGLU): as SwiGLUFunction, with the
+    derivative of gelu from the kernel autograd uses. Kept: gate and up."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.gelu(gate, approximate="tanh").mul_(up)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        grad_up = g * F.gelu(gate, approximate="tanh")
+        return torch.ops.aten.gelu_backward(g * up, gate, approximate="tanh"), grad_up
+
+
+def geglu(gate, up):
+    return GeGLUFunction.apply(gate, up)
+
+
+GATED = {"silu": swiglu, "gelu_pytorch_tanh": geglu}  # model.MLP.activation -> its gated product
+
+
 class FastMLP(MLP):
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)                      # (B, T, I) each
-        h = swiglu(gate, up)
-        with recompute_in_backward(h, swiglu, gate, up):  # down_proj keeps the recipe, not h
+        glu = GATED[self.activation]
+        h = glu(gate, up)
+        with recompute_in_backward(h, glu, gate, up):  # down_proj keeps the recipe, not h
             return self.down_proj(h)
 
 
@@ -222,6 +256,19 @@ class FastBlock(Block):
         h = self.post_attention_layernorm(x)
         with recompute_in_backward(h, self.post_attention_layernorm, x):
             return x + self.mlp(h)
+
+
+class FastGemmaBlock(GemmaBlock):
+    """The same for gemma3's block: its two input norms recomputed (the output norms' outputs go
+    straight into the residual sum, which keeps nothing)."""
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+        h = self.input_layernorm(x)
+        with recompute_in_backward(h, self.input_layernorm, x):
+            x = x + self.post_attention_layernorm(self.self_attn(h, cos, sin, attn_mask, kv_cache, layer))
+        h = self.pre_feedforward_layernorm(x)
+        with recompute_in_backward(h, self.pre_feedforward_layernorm, x):
+            return x + self.post_feedforward_layernorm(self.mlp(h))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,9 +353,9 @@ class FastNF4Linear(NF4Linear):
 
 # ---------------------------------------------------------------------------------------------
 
-PIECES = {"rmsnorm": (RMSNorm, FastRMSNorm), "mlp": (MLP, FastMLP), "attention": (Attention, FastAttention),
-          "block": (Block, FastBlock),
-          "lora": (LoRALinear, FastLoRALinear), "nf4": (NF4Linear, FastNF4Linear)}
+PIECES = {"rmsnorm": ((RMSNorm, FastRMSNorm), (GemmaRMSNorm, FastGemmaRMSNorm)), "mlp": ((MLP, FastMLP),),
+          "attention": ((Attention, FastAttention),), "block": ((Block, FastBlock), (GemmaBlock, FastGemmaBlock)),
+          "lora": ((LoRALinear, FastLoRALinear),), "nf4": ((NF4Linear, FastNF4Linear),)}
 
 
 def accelerate(model, skip=()):
@@ -317,7 +364,8 @@ def accelerate(model, skip=()):
     Call it after lora.prepare_model (the LoRA and NF4 layers must exist); calling it again is harmless.
     skip: names of PIECES to leave plain (bench.py measures each piece that way)."""
     for module in model.modules():
-        for piece, (plain, fast) in PIECES.items():
-            if type(module) is plain and piece not in skip:
-                module.__class__ = fast
+        for piece, twins in PIECES.items():
+            for plain, fast in twins:
+                if type(module) is plain and piece not in skip:
+                    module.__class__ = fast
     return model

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -287,20 +288,22 @@ def save_adapter(model, folder, base_model_path=None):
     if len({(m.rank, m.alpha, m.rslora, m.dropout_p) for m in layers.values()}) > 1:
         raise ValueError("save_adapter: LoRA layers with different settings; "
                          "one adapter_config.json cannot describe them")
+    prefix = model.config.prefix  # where transformers' model holds ours: model. (model.language_model. for gemma3)
     tensors = {}
     for name, m in layers.items():
-        key = ADAPTER_PREFIX + model_lib.hf_name(name)
+        key = ADAPTER_PREFIX + model_lib.hf_name(name, prefix)
         tensors[key + ".lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()  # (r, in)
         tensors[key + ".lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()  # (out, r)
     # target_modules: a short name (q_proj) when every module of that name is adapted, else the
-    # full names of those that are; PEFT matches each entry against the end of module names.
+    # full names of those that are; PEFT matches each entry against the end of module names. In a
+    # gemma3 model a short name would also match the vision tower's q_proj: full names there.
     targets = []
     for short in sorted({n.rpartition(".")[2] for n in layers}):
         same_name = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == short]
-        if set(same_name) <= set(layers):
+        if set(same_name) <= set(layers) and prefix == "model.":
             targets.append(short)
         else:
-            targets += [model_lib.hf_name(n) for n in same_name if n in layers]
+            targets += [model_lib.hf_name(n, prefix) for n in same_name if n in layers]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_path or getattr(model, "source_dir", None),
@@ -322,7 +325,8 @@ def load_adapter(model, folder, quantize_base=False):
 
     The adapted modules are read off the tensor names, so any target_modules form works. A model
     without LoRA layers gets them (NF4 bases if quantize_base); one that has them must have
-    exactly these, with the same rank and scaling.
+    exactly these, with the same rank and scaling. For a gemma3 model (the text part of a multimodal
+    one) an adapter's vision tower tensors are left out, with a line on stderr.
     """
     from safetensors.torch import load_file
     config_file = os.path.join(folder, "adapter_config.json")
@@ -341,14 +345,20 @@ def load_adapter(model, folder, quantize_base=False):
         if config.get(key):  # False, None and {} all mean "not used"
             raise ValueError(f"{config_file}: {key} = {config[key]!r} is not supported (plain LoRA only)")
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
-    pairs = {}  # our module name -> {"lora_A": tensor, "lora_B": tensor}
+    pairs, prefix, vision = {}, model.config.prefix, 0  # pairs: our module name -> {"lora_A": A, "lora_B": B}
     for key, tensor in load_file(weights_file).items():
         stem, _, tail = key.rpartition(".lora_")
         if not key.startswith(ADAPTER_PREFIX) or tail not in ("A.weight", "B.weight"):
             raise ValueError(f"{weights_file}: unexpected tensor {key!r} "
                              f"(expected {ADAPTER_PREFIX}<module>.lora_A.weight / .lora_B.weight)")
-        name = stem[len(ADAPTER_PREFIX):].removeprefix("model.")
-        pairs.setdefault(name, {})["lora_" + tail[0]] = tensor
+        module = stem[len(ADAPTER_PREFIX):]
+        if model.config.model_type == "gemma3" and not module.startswith(prefix):
+            vision += 1  # the vision tower: not part of the text model
+            continue
+        pairs.setdefault(module.removeprefix(prefix), {})["lora_" + tail[0]] = tensor
+    if vision:
+        print(f"{weights_file}: {vision} vision tower tensors left out (the text model has no vision tower)",
+              file=sys.stderr)
     if not lora_layers(model):
         apply_lora(model, r, alpha, config.get("lora_dropout", 0.0), list(pairs), rslora, quantize_base)
     layers = lora_layers(model)

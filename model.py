@@ -1,7 +1,8 @@
 """A decoder-only transformer for the Llama family, loaded straight from a Hugging Face folder.
 
 One model covers what ships on the Hub as `llama` (Llama 2/3.x, TinyLlama, SmolLM/SmolLM2),
-`mistral`, `qwen2` and `qwen3`. They differ only in small switches, all read from config.json:
+`mistral`, `qwen2`, `qwen3` and Gemma 3 (`gemma3_text`, and the text model of a `gemma3` folder).
+They differ only in small switches, all read from config.json:
 
     x = embed_tokens(ids)                                   # (B, T, C)
     for each block:
@@ -11,6 +12,11 @@ One model covers what ships on the Hub as `llama` (Llama 2/3.x, TinyLlama, SmolL
 
     qwen2: bias on the q/k/v projections.   qwen3: RMSNorm on each head of q and k.
     llama 3.1+: "llama3" RoPE frequency scaling.   tied: lm_head.weight is embed_tokens.weight.
+    mistral: each token sees the last sliding_window tokens only.
+    gemma3: gelu for silu (GeGLU); norms scale by 1 + w; embeddings times sqrt(C); q/k norms; the
+            attention and MLP outputs normalised too before the residual sum; scores scaled by
+            query_pre_attn_scalar^-1/2; sliding-window layers with their own RoPE base between
+            full-attention ones; final_logit_softcapping when set.
 
 Parameter names are the checkpoint's names without the leading "model." (ours:
 "layers.0.self_attn.q_proj.weight", file: "model.layers.0.self_attn.q_proj.weight"), so loading
@@ -20,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from config import UserError
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 
 
 class ModelLoadError(UserError):
@@ -55,18 +62,43 @@ class ModelConfig:
     rope_scaling: dict = None      # {"rope_type": "llama3" | "linear", "factor": ..., ...} or None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False         # qwen2, or llama with attention_bias
-    o_bias: bool = False           # llama with attention_bias
-    mlp_bias: bool = False
-    qk_norm: bool = False          # qwen3
-    sliding_window: int = None     # mistral v0.1: each token sees only the last `sliding_window`
+    qkv_bias: bool = False         # qwen2, or llama / qwen3 / gemma3 with attention_bias
+    o_bias: bool = False           # llama / qwen3 / gemma3 with attention_bias
+    mlp_bias: bool = False         # llama with mlp_bias
+    qk_norm: bool = False          # qwen3, gemma3
+    sliding_window: int = None     # a sliding layer's token sees only the last `sliding_window` tokens
+    layer_types: list = None       # per layer: "full_attention" or "sliding_attention"
     bos_token_id: int = None
     eos_token_id: object = None    # an id or a list of ids
+    gemma: bool = False            # gemma3: GeGLU, (1 + w) norms, sqrt(C) embedding scale, norms after attention / MLP
+    local_rope: tuple = None       # gemma3: (theta, scaling) of the sliding layers' RoPE
+    query_pre_attn_scalar: float = None    # gemma3: scores scaled by its ** -0.5 instead of head_dim ** -0.5
+    final_logit_softcapping: float = None  # logits -> cap * tanh(logits / cap)
+    prefix: str = "model."         # where our parameters sit in transformers' model (gemma3 folder: model.language_model.)
     raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on save
 
 
+# transformers' defaults (its config classes) for keys a config.json may leave out, where they differ
+# from Llama's: a gemma3 folder's text_config lists only what differs from Gemma3TextConfig's.
+DEFAULTS = {
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096, "max_position_embeddings": 131072},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                        tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                        sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=1e4, bos_token_id=2,
+                        eos_token_id=1)}
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
 def read_config(path):
-    """Read config.json of a model folder into a ModelConfig."""
+    """Read config.json of a model folder into a ModelConfig.
+
+    A `gemma3` folder (Gemma 3 4B and up: text and vision) is read as its text model, text_config;
+    load_model leaves its vision tower out and save_model copies it back unchanged. A value that
+    changes the math and that this model does not compute is refused (ModelLoadError naming the
+    key): a folder never loads as a silently different model. (attention_dropout is not applied.)"""
     file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ModelLoadError(f"{path}: not a folder")
@@ -81,41 +113,110 @@ def read_config(path):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(f"{file}: model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    # RoPE settings: transformers >= 5 writes them under "rope_parameters", older files use
-    # "rope_theta" plus "rope_scaling" (whose kind is "rope_type", or "type" in older files).
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3", "linear"):
-        raise ModelLoadError(f"{file}: rope type {rope_type!r} is not supported "
-                             f"(supported: default, llama3, linear)")
-    n_heads = raw["num_attention_heads"]
-    sliding = raw.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
-        sliding = None  # qwen configs carry a window size but switch it off
+    c, where = (raw.get("text_config") or {}, "text_config.") if model_type == "gemma3" else (raw, "")
+    family = c.get("model_type", "gemma3_text") if model_type == "gemma3" else model_type
+    c = dict(DEFAULTS.get(family, {}), **c)  # the file's values, transformers' defaults for the rest
+    check_supported(c, family, model_type, file, where)
+    gemma, n_heads = family == "gemma3_text", c["num_attention_heads"]
+    bias = bool(c.get("attention_bias")) and family in ("llama", "qwen3", "gemma3_text")
+    (theta, scaling), local_rope = rope_settings(c, family, file, where)
+    layer_types = read_layer_types(c, family, file, where)
     return ModelConfig(
         model_type=model_type,
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_hidden_layers=raw["num_hidden_layers"],
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"],
         num_attention_heads=n_heads,
-        num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        qkv_bias=model_type == "qwen2" or raw.get("attention_bias", False),
-        o_bias=model_type in ("llama", "mistral") and raw.get("attention_bias", False),
-        mlp_bias=raw.get("mlp_bias", False),
-        qk_norm=model_type == "qwen3",
-        sliding_window=sliding,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id"),
+        num_key_value_heads=c.get("num_key_value_heads") or n_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", True) if model_type == "gemma3"
+        else c.get("tie_word_embeddings", False),
+        qkv_bias=family == "qwen2" or bias,
+        o_bias=bias,
+        mlp_bias=family == "llama" and bool(c.get("mlp_bias")),
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        sliding_window=c.get("sliding_window") if "sliding_attention" in layer_types else None,
+        layer_types=layer_types,
+        bos_token_id=raw.get("bos_token_id", c.get("bos_token_id")),
+        eos_token_id=raw.get("eos_token_id", c.get("eos_token_id")),
+        gemma=gemma,
+        local_rope=local_rope,
+        query_pre_attn_scalar=c["query_pre_attn_scalar"] if gemma else None,
+        final_logit_softcapping=c.get("final_logit_softcapping") if gemma else None,
+        prefix="model.language_model." if model_type == "gemma3" else "model.",
         raw=raw,
     )
+
+
+def refuse(file, key, value, why):
+    raise ModelLoadError(f"{file}: {key} = {json.dumps(value)} is not supported ({why})")
+
+
+def check_supported(c, family, model_type, file, where):
+    """Refuse the config values that change the math and that this model does not compute."""
+    gemma = family == "gemma3_text"
+    act_key, acts = ("hidden_activation", ("gelu_pytorch_tanh",)) if gemma else ("hidden_act", ("silu", "swish"))
+    for key, bad, why in [
+        ("model_type", model_type == "gemma3" and not gemma, "a gemma3 text_config is gemma3_text"),
+        (act_key, c.get(act_key, acts[0]) not in acts, f"{family} computes {acts[0]} here"),  # swish: nn.SiLU
+        ("use_sliding_window", family in ("qwen2", "qwen3") and c.get("use_sliding_window"),
+         "qwen's window on the layers from max_window_layers on is not implemented"),
+        ("attn_logit_softcapping", gemma and c.get("attn_logit_softcapping") is not None,
+         "transformers' Gemma 3 ignores it"),  # Gemma 3 normalises q and k instead
+        ("use_bidirectional_attention", gemma and c.get("use_bidirectional_attention"), "attention is causal here"),
+        ("final_logit_softcapping", model_type == "gemma3" and c.get("final_logit_softcapping") is not None,
+         "Gemma3ForConditionalGeneration ignores it, Gemma3ForCausalLM applies it")]:
+        if bad:
+            refuse(file, where + key, c.get(key), why)
+
+
+def rope_settings(c, family, file, where):
+    """(theta, scaling or None) of the RoPE of the full-attention layers, and of gemma3's sliding
+    layers (None for other families). transformers >= 5 writes "rope_parameters" (for gemma3 a dict
+    per layer type); older files "rope_theta" plus "rope_scaling" (gemma3: for the global layers,
+    and "rope_local_base_freq" for the local ones)."""
+    if family == "gemma3_text":  # as Gemma3TextConfig.convert_rope_params_to_dict
+        params = c.get("rope_parameters") or {}
+        kinds = {"full_attention": dict({"rope_theta": c["rope_theta"]}, **params.get("full_attention") or {},
+                                        **c.get("rope_scaling") or {}),
+                 "sliding_attention": dict({"rope_theta": c["rope_local_base_freq"]},
+                                           **params.get("sliding_attention") or {})}
+    else:
+        kinds = {"full_attention": dict({"rope_theta": c.get("rope_theta", 10000.0)},
+                                        **c.get("rope_parameters") or c.get("rope_scaling") or {})}
+    out = {}
+    for kind, rope in kinds.items():
+        rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type" in older files
+        if rope_type not in ROPE_TYPES:
+            raise ModelLoadError(f"{file}: {where}rope_parameters: rope type {rope_type!r} of the {kind} layers "
+                                 f"is not supported (supported: {', '.join(ROPE_TYPES)})")
+        partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            refuse(file, where + "partial_rotary_factor", partial, "RoPE turns every dimension here")
+        if rope_type == "llama3":
+            rope.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 2048))
+        out[kind] = float(rope["rope_theta"]), None if rope_type == "default" else dict(rope, rope_type=rope_type)
+    return out["full_attention"], out.get("sliding_attention")
+
+
+def read_layer_types(c, family, file, where):
+    """Each layer's type: gemma3 alternates sliding-window and full attention (layer_types, or in
+    older files every sliding_window_pattern-th layer full); mistral's window covers every layer;
+    llama and qwen have none (transformers ignores a llama's sliding_window)."""
+    n = c["num_hidden_layers"]
+    if family == "gemma3_text":
+        pattern = c["sliding_window_pattern"]
+        types = c.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                         for i in range(n)]
+        if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+            refuse(file, where + "layer_types", types, f"expected {n} of sliding_attention, full_attention")
+        return list(types)
+    return ["sliding_attention" if family == "mistral" and c.get("sliding_window") else "full_attention"] * n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +240,37 @@ class RMSNorm(nn.Module):
         return self.weight * x_hat.to(x.dtype)
 
 
-def rope_inv_freq(cfg):
+class GemmaRMSNorm(RMSNorm):
+    """gemma3: x / sqrt(mean(x^2) + eps) * (1 + w), all in fp32 (at least), then cast to x's dtype.
+    The stored weights are offsets from 1 (zeros = the identity gain), as transformers' Gemma3RMSNorm."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):                                                  # (..., C)
+        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x_hat * (1.0 + self.weight.to(xf.dtype))).to(x.dtype)
+
+
+def make_norm(cfg, dim):
+    return (GemmaRMSNorm if cfg.gemma else RMSNorm)(dim, cfg.rms_norm_eps)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """gemma3: embeddings times sqrt(C), the factor first rounded to the weights' dtype as transformers
+    does (55.4256 becomes 55.5 in bf16). Inside the module, so a hook on embed_tokens (NEFTune) sees
+    the scaled vectors, as a hook on transformers' embedding does."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * torch.tensor(self.embedding_dim ** 0.5).to(self.weight.dtype)
+
+
+def rope_inv_freq(d, theta, scaling=None):
     """Rotation frequencies of RoPE (Su et al. 2021): theta^(-2i/d) for i < d/2, maybe rescaled."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))  # fp32, as HF does
-    scaling = cfg.rope_scaling or {}
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))  # fp32, as HF does
+    scaling = scaling or {}
     if scaling.get("rope_type") == "linear":  # position interpolation (Chen et al. 2023)
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("rope_type") == "llama3":
@@ -157,6 +284,13 @@ def rope_inv_freq(cfg):
         inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
                                torch.where(wavelen < old_len / high, inv_freq, blended))
     return inv_freq
+
+
+def rope_tables(cfg):
+    """RoPE frequencies for each layer type: gemma3's sliding layers have their own (cfg.local_rope)."""
+    full = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return {"full_attention": full,
+            "sliding_attention": rope_inv_freq(cfg.head_dim, *cfg.local_rope) if cfg.local_rope else full}
 
 
 def rope_cos_sin(inv_freq, position_ids):
@@ -204,9 +338,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=cfg.o_bias)
-        if cfg.qk_norm:  # qwen3: normalise each head's q and k before the rotation
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # qwen3, gemma3: normalise each head's q and k before the rotation
+            self.q_norm = make_norm(cfg, self.head_dim)
+            self.k_norm = make_norm(cfg, self.head_dim)
+        # softmax scale: gemma3 sets it apart from the head size; None = SDPA's 1 / sqrt(head_dim)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
         B, T, _ = x.shape
@@ -222,12 +358,15 @@ class Attention(nn.Module):
         # Grouped-query attention (Ainslie et al. 2023): each k/v head serves H/Hkv query heads.
         # softmax(q k^T / sqrt(d) + mask) v by PyTorch's fused kernel; no mask = causal.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+                                           scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)); gemma3: GeGLU, gelu (tanh form) for silu."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -235,9 +374,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
+        self.activation = "gelu_pytorch_tanh" if cfg.gemma else "silu"
 
     def forward(self, x):                                                  # (B, T, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # via (B, T, I)
+        act = ACTIVATIONS[self.activation]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))    # via (B, T, I)
 
 
 class Block(nn.Module):
@@ -245,9 +386,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):  # (B, T, C)
@@ -255,18 +396,34 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class GemmaBlock(Block):
+    """gemma3: each branch's output is normalised too before it joins the residual stream, so
+    post_attention_layernorm acts on the attention output, and pre_feedforward_layernorm is the MLP's
+    input norm."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.pre_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):  # (B, T, C)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = (ScaledEmbedding if cfg.gemma else nn.Embedding)(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList((GemmaBlock if cfg.gemma else Block)(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # RoPE frequencies: a plain fp32 tensor, not a buffer, so model.to(bf16) cannot round it.
-        self.inv_freq = rope_inv_freq(cfg)
+        # RoPE frequencies: plain fp32 tensors, not buffers, so model.to(bf16) cannot round them.
+        self.inv_freq = rope_tables(cfg)
         self.grad_checkpointing = False  # recompute each block in backward to save activations
         self.source_dir = None           # the folder the weights came from (set by load_model)
 
@@ -277,25 +434,41 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         window = self.config.sliding_window
-        if window and start + T > window:  # mistral v0.1: restrict the causal mask to a band
-            attn_mask = sliding_window_mask(T, start, window, input_ids.device, attn_mask)
+        per_type = {}  # layer type -> RoPE cos, sin (B, 1, T, d) fp32, and the mask of such layers
+        for kind in set(self.config.layer_types):
+            cos, sin = rope_cos_sin(self.inv_freq[kind].to(input_ids.device), position_ids)
+            mask = attn_mask
+            if kind == "sliding_attention" and window and start + T > window:  # the causal mask cut to a band
+                mask = sliding_window_mask(T, start, window, input_ids.device, attn_mask)
+            per_type[kind] = cos, sin, mask
         x = self.embed_tokens(input_ids)                           # (B, T, C)
-        inv_freq = self.inv_freq.to(input_ids.device)
-        cos, sin = rope_cos_sin(inv_freq, position_ids)            # (B, 1, T, d) each, fp32
         for i, block in enumerate(self.layers):
+            cos, sin, mask = per_type[self.config.layer_types[i]]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn_mask, kv_cache, i)
+                x = block(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None, return_hidden=False):
         """Logits (B, T, V), or with return_hidden the hidden states (B, T, C): training computes
-        logits only at the positions that have a loss (loss.py), not for all B*T of them."""
+        logits only at the positions that have a loss (loss.py), not for all B*T of them, and
+        without final_logit_softcapping (train.py refuses a model that sets it)."""
         hidden = self.hidden_states(input_ids, position_ids, attn_mask, kv_cache)
-        return hidden if return_hidden else self.lm_head(hidden)
+        if return_hidden:
+            return hidden
+        logits, cap = self.lm_head(hidden), self.config.final_logit_softcapping
+        return logits if not cap else torch.tanh(logits / cap) * cap  # squashed into (-cap, cap)
+
+
+def check_logits_are_lm_head(model):
+    """The losses (loss.py) take the logits as hidden @ lm_head.weight^T: train.py and eval.py refuse
+    a model whose logits are more than that, rather than train or score another model."""
+    if model.config.final_logit_softcapping:
+        raise ModelLoadError(f"{model.source_dir}: final_logit_softcapping = {model.config.final_logit_softcapping} "
+                             f"is not supported in training and evaluation (loss.py does not cap the logits)")
 
 
 def sliding_window_mask(T, start, window, device, attn_mask=None):
@@ -370,14 +543,17 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module new storage: tie again
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)  # it was made on "meta" above
+    model.inv_freq = rope_tables(cfg)  # they were made on "meta" above
     params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
-    filled = set()
+    filled, skipped = set(), 0
     for file in checkpoint_files(path):
         header, data_start = read_safetensors_header(file)
         with open(file, "rb") as f:
             for key, info in header.items():
-                name = key.removeprefix("model.")
+                name = our_name(key, cfg)
+                if name is None:  # gemma3: the vision tower and its projector
+                    skipped += 1
+                    continue
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue  # some tied checkpoints store the shared matrix twice
                 if name not in params:
@@ -404,15 +580,36 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     missing = sorted(set(params) - filled)
     if missing:
         raise ModelLoadError(f"{path}: tensor(s) missing from the checkpoint: "
-                             f"{', '.join(hf_name(n) for n in missing[:5])}"
+                             f"{', '.join(hf_name(n, file_prefix(cfg)) for n in missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
+    if skipped:
+        print(f"{path}: loaded the text model; {skipped} vision tensors left out (save_model copies them back)",
+              file=sys.stderr)
     model.source_dir = path
     return model.eval()
 
 
-def hf_name(name):
-    """Our parameter name -> the checkpoint's name."""
-    return name if name.startswith("lm_head.") else "model." + name
+def hf_name(name, prefix="model."):
+    """Our parameter name -> transformers': prefix + name, lm_head.weight as it is. A gemma3 folder's
+    text model is "model.language_model." in transformers' model (and PEFT's keys), and in the Hub's
+    files "language_model.model.", where an untied head is "language_model.lm_head"."""
+    if name.startswith("lm_head."):
+        return "language_model." + name if prefix == "language_model.model." else name
+    return prefix + name
+
+
+def file_prefix(cfg, write=True):
+    """The text model's prefix in files (the one save_model writes), or all those load_model reads."""
+    prefixes = ("language_model.model.", "model.language_model.") if cfg.model_type == "gemma3" else ("model.",)
+    return prefixes[0] if write else prefixes
+
+
+def our_name(key, cfg):
+    """A checkpoint's tensor name -> ours; None for a gemma3 tensor outside the text model (vision)."""
+    for prefix in file_prefix(cfg, write=False):
+        if key.startswith(prefix) or key == hf_name("lm_head.weight", prefix):
+            return key.removeprefix(prefix).removeprefix("language_model.")  # language_model.lm_head too
+    return None if cfg.model_type == "gemma3" else key
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -431,7 +628,8 @@ def save_model(model, folder, state_dict=None, dtype=None):
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # safetensors stores no shared tensors; HF re-ties from the config
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
-        tensors[hf_name(name)] = tensor
+        tensors[hf_name(name, file_prefix(model.config))] = tensor
+    tensors.update(vision_tensors(model, dtype))
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     raw = dict(model.config.raw)
     raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -442,6 +640,20 @@ def save_model(model, folder, state_dict=None, dtype=None):
         if model.source_dir and os.path.isfile(os.path.join(model.source_dir, name)):
             shutil.copy(os.path.join(model.source_dir, name), os.path.join(folder, name))
     return folder
+
+
+def vision_tensors(model, dtype=None):
+    """gemma3: the tensors of the source folder outside the text model (vision tower, projector),
+    unchanged but for dtype, so a saved folder is still the whole multimodal model."""
+    from safetensors import safe_open
+    out = {}
+    if model.config.model_type == "gemma3" and model.source_dir:
+        for file in checkpoint_files(model.source_dir):
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    if our_name(key, model.config) is None:
+                        out[key] = f.get_tensor(key) if dtype is None else f.get_tensor(key).to(dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

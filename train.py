@@ -46,7 +46,7 @@ from checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_los
 from config import ConfigError, fetch_model, parse_cli, resolve_hardware, save_config, script
 from loss import (distillation_loss, dpo_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy,
                   orpo_loss, sequence_logps)
-from model import generate, load_model, save_model
+from model import check_logits_are_lm_head, generate, load_model, save_model
 from tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +217,7 @@ def build_model(cfg, device):
     bf16 = cfg.dtype == "bfloat16"
     model = load_model(cfg.model, dtype=torch.bfloat16 if bf16 and cfg.method != "full" else torch.float32,
                        device=device)
+    check_logits_are_lm_head(model)
     lora.prepare_model(model, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                        lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
                        rslora=cfg.rslora, train_layers=cfg.train_layers, train_head=cfg.train_head)

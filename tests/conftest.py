@@ -79,23 +79,42 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+# Gemma 3: 5 layers with every 2nd one global (layers 1 and 3), a window of 8 tokens, head_dim apart
+# from hidden / heads, and a vision tower of one layer for the multimodal `gemma3` folder.
+TINY_GEMMA3 = dict(head_dim=24, sliding_window=8, sliding_window_pattern=2, num_hidden_layers=5,
+                   query_pre_attn_scalar=20, rope_theta=5000.0, rope_local_base_freq=100.0)
+TINY_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=16, patch_size=4)
+
+
 def save_tiny_model(folder, family="llama", seed=0, max_shard_size=None, **overrides):
-    """Save a tiny random transformers model of `family` into `folder`; return the HF model."""
+    """Save a tiny random transformers model of `family` into `folder`; return the HF model.
+    Gemma 3 (gemma3_text, or gemma3: text and vision) gets every weight drawn at random, so each norm
+    weight is a nonzero offset from 1 and the logits are of order 1."""
     import torch
     import transformers
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+               "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+               "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration)}
     config_cls, model_cls = classes[family]
     kwargs = dict(TINY, **overrides)
     if family == "qwen3":
         kwargs.setdefault("head_dim", 16)
+    if family.startswith("gemma3"):
+        kwargs = {**TINY, **TINY_GEMMA3, **overrides}
+    if family == "gemma3":
+        tie = kwargs.pop("tie_word_embeddings", True)
+        kwargs = dict(text_config=kwargs, vision_config=TINY_VISION, mm_tokens_per_image=4, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     hf = model_cls(config_cls(**kwargs)).float().eval()
     with torch.no_grad():  # random norm weights and biases, so that a mix-up would show
         for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if family.startswith("gemma3"):
+                p.normal_(0.0, 0.1 if "norm" in name or name.endswith(".bias") else 2.0 / p.shape[-1] ** 0.5)
+            elif "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     save = {"max_shard_size": max_shard_size} if max_shard_size else {}
     hf.save_pretrained(folder, **save)

@@ -18,26 +18,28 @@ import lora
 import nf4
 import train
 from config import Config
-from conftest import NewTensors
-from model import RMSNorm
+from conftest import NewTensors, save_tiny_model
+from model import GemmaRMSNorm, RMSNorm
 
 # ---------------------------------------------------------------------------------------------
 # rmsnorm and SwiGLU: hand-written backward passes
 
 
-def rms_norms(dim=16, dtype=torch.float64):
-    """A plain RMSNorm and its fast twin with the same random gain."""
-    plain = RMSNorm(dim, 1e-5).to(dtype)
+def rms_norms(dim=16, dtype=torch.float64, norm=RMSNorm):
+    """A plain RMSNorm (or gemma3's, whose weight is an offset from 1) and its fast twin with the same
+    random gain."""
+    plain = norm(dim, 1e-5).to(dtype)
     with torch.no_grad():
-        plain.weight.copy_(1 + 0.1 * torch.randn(dim))
+        plain.weight.copy_((norm is RMSNorm) + 0.1 * torch.randn(dim))
     return plain, fast.accelerate(copy.deepcopy(plain))
 
 
+@pytest.mark.parametrize("norm", [RMSNorm, GemmaRMSNorm])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_rms_norm_gives_the_plain_norms_values_and_gradients(dtype):
+def test_rms_norm_gives_the_plain_norms_values_and_gradients(dtype, norm):
     torch.manual_seed(0)
-    plain, ours = rms_norms(dtype=dtype)
-    assert type(ours) is fast.FastRMSNorm
+    plain, ours = rms_norms(dtype=dtype, norm=norm)
+    assert type(ours) is {RMSNorm: fast.FastRMSNorm, GemmaRMSNorm: fast.FastGemmaRMSNorm}[norm]
     x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     g = torch.randn(3, 5, 16, dtype=dtype)
     y, y_ref = ours(x), plain(x)
@@ -52,17 +54,23 @@ def test_rms_norm_gives_the_plain_norms_values_and_gradients(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_rms_norm_passes_gradcheck():
+@pytest.mark.parametrize("offset", [False, True])
+def test_rms_norm_passes_gradcheck(offset):
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: fast.RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: fast.RMSNormFunction.apply(x, w, 1e-6, offset), (x, w))
 
 
-def test_swiglu_values_and_gradients_equal_plain_autograd():
+@pytest.mark.parametrize("glu,act", [(fast.swiglu, F.silu), (fast.geglu, lambda a: F.gelu(a, approximate="tanh"))])
+def test_gated_products_values_and_gradients_equal_plain_autograd(glu, act):
     gate = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     up = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(fast.swiglu(gate, up), F.silu(gate) * up, rtol=0, atol=0)
-    assert torch.autograd.gradcheck(fast.swiglu, (gate, up))
+    torch.testing.assert_close(glu(gate, up), act(gate) * up, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(glu, (gate, up))
+    g = torch.randn(6, 10, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(glu(gate, up), (gate, up), g),
+                         torch.autograd.grad(act(gate) * up, (gate, up), g)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the kernels autograd uses
 
 
 def saved_by(fn, *inputs):
@@ -80,10 +88,11 @@ def test_rms_norm_keeps_no_fp32_copy_of_a_bf16_input_where_plain_autograd_does()
     assert not fp32_copies(saved_by(ours, x))
 
 
-def test_swiglu_keeps_gate_and_up_only():
+@pytest.mark.parametrize("glu", [fast.swiglu, fast.geglu])
+def test_gated_products_keep_gate_and_up_only(glu):
     gate, up = (torch.randn(4, 8, requires_grad=True) for _ in range(2))
     assert len(saved_by(lambda: F.silu(gate) * up)) == 3  # plain: gate, silu(gate), up
-    assert [t.data_ptr() for t in saved_by(fast.swiglu, gate, up)] == [gate.data_ptr(), up.data_ptr()]
+    assert [t.data_ptr() for t in saved_by(glu, gate, up)] == [gate.data_ptr(), up.data_ptr()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +176,12 @@ def test_recompute_in_backward_leaves_outer_saved_tensor_hooks_in_charge():
 
 def lora_model_step(model, skip):
     """Gradients of a bf16 LoRA step of the model with the fast layer (but for `skip`), and whether
-    the norm outputs and the SwiGLU outputs were freed before backward."""
+    the blocks' input norm outputs and the SwiGLU outputs were freed before backward."""
     fast.accelerate(model, skip=skip)
     storages = []
     for block in model.layers:
-        for norm in (block.input_layernorm, block.post_attention_layernorm):
+        mlp_norm = block.pre_feedforward_layernorm if model.config.gemma else block.post_attention_layernorm
+        for norm in (block.input_layernorm, mlp_norm):
             norm.register_forward_hook(lambda m, i, out: storages.append(StorageWeakRef(out.untyped_storage())))
         block.mlp.down_proj.register_forward_pre_hook(
             lambda m, inputs: storages.append(StorageWeakRef(inputs[0].untyped_storage())))
@@ -184,8 +194,10 @@ def lora_model_step(model, skip):
     return freed, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_the_model_recomputes_norm_and_swiglu_outputs_with_the_same_gradients(tiny_model_dir):
-    model = make_model(tiny_model_dir, "lora", "bfloat16")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_model_recomputes_norm_and_swiglu_outputs_with_the_same_gradients(tmp_path, family):
+    save_tiny_model(str(tmp_path), family)
+    model = make_model(str(tmp_path), "lora", "bfloat16")
     freed, grads = lora_model_step(copy.deepcopy(model), skip=())
     freed_kept, grads_kept = lora_model_step(model, skip=("block", "mlp"))
     assert freed and all(freed)       # 3 per block: two norm outputs, one SwiGLU output
@@ -326,6 +338,16 @@ def assert_plain_equals_fast(folder, method, dtype, vocab, seq=32, distill=False
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_a_step_gives_the_same_loss_and_gradients_plain_and_fast_on_a_tiny_model(tiny_model_dir, method, dtype):
     assert_plain_equals_fast(tiny_model_dir, method, dtype, vocab=128)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_a_step_gives_the_same_loss_and_gradients_plain_and_fast_on_gemma3(tmp_path, method, dtype):
+    save_tiny_model(str(tmp_path), "gemma3_text")
+    model = fast.accelerate(make_model(str(tmp_path), method, dtype))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"FastGemmaRMSNorm", "FastMLP", "FastGemmaBlock", "FastAttention"} <= kinds
+    assert_plain_equals_fast(str(tmp_path), method, dtype, vocab=128, seq=24)  # 3 windows of 8
 
 
 def test_a_distillation_step_gives_the_same_loss_and_gradients_plain_and_fast(tiny_model_dir):

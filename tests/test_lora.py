@@ -448,3 +448,60 @@ def test_head_mode_model_saves_untied(tmp_path, tied_tiny_dir):
     with torch.no_grad():
         torch.testing.assert_close(again(IDS), m(IDS), rtol=0, atol=1e-5)
         torch.testing.assert_close(hf_model(str(tmp_path / "out"))(IDS).logits, m(IDS), rtol=0, atol=1e-4)
+
+
+# --- Gemma 3: LoRA, QLoRA and PEFT's formats on the text model, alone or inside a gemma3 folder -----
+
+
+@pytest.fixture(params=["gemma3_text", "gemma3"])
+def gemma3_dir(request, tmp_path):
+    folder = str(tmp_path / request.param)
+    save_tiny_model(folder, request.param)
+    return folder
+
+
+def test_gemma3_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, gemma3_dir):
+    adapter = str(tmp_path / "adapter")
+    check_ours_to_peft(gemma3_dir, adapter, atol=1e-4)
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    if "gemma3_text" not in gemma3_dir:  # full names: PEFT would match q_proj in the vision tower too
+        assert all(t.startswith("model.language_model.layers.") for t in config["target_modules"])
+
+
+def test_gemma3_peft_adapter_loads_into_ours_with_the_same_logits(tmp_path, gemma3_dir):
+    """PEFT's all-linear on a gemma3 folder adapts the vision tower too: left out by ours, which
+    computes the text model (whose logits do not depend on the vision tower)."""
+    check_peft_to_ours(gemma3_dir, str(tmp_path / "adapter"), atol=1e-4)
+
+
+def test_gemma3_merged_folder_loads_in_transformers_and_ours_with_the_same_logits(tmp_path, gemma3_dir):
+    ours = model_lib.load_model(gemma3_dir)
+    lora.apply_lora(ours, rank=4, alpha=8)
+    randomize_lora_B(ours)
+    lora.save_merged(ours, str(tmp_path / "merged"))
+    with torch.no_grad():
+        logits = ours(IDS)
+        torch.testing.assert_close(hf_model(str(tmp_path / "merged"))(IDS).logits, logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model_lib.load_model(str(tmp_path / "merged"))(IDS), logits, rtol=0, atol=1e-4)
+
+
+def test_gemma3_qlora_logits_equal_transformers_bitsandbytes_peft(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+    folder = str(tmp_path / "tiny")  # rows of 64 and 128 values: see test_qlora_logits_equal_transformers_...
+    save_tiny_model(folder, "gemma3_text", intermediate_size=128, head_dim=16)
+    ours = model_lib.load_model(folder)
+    lora.prepare_model(ours, "qlora", lora_rank=4, lora_alpha=8)
+    assert len(lora.lora_layers(ours)) == 7 * len(ours.layers)
+    randomize_lora_B(ours)
+    lora.save_adapter(ours, str(tmp_path / "adapter"))
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant,
+                                                           dtype=torch.float32, device_map="cpu")
+    theirs = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).train()  # bnb's dequantize-then-matmul path
+    torch.testing.assert_close(ours(IDS), theirs(IDS).logits, rtol=0, atol=1e-4)
+    lora.save_merged(ours, str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(str(tmp_path / "merged"))(IDS).logits, ours(IDS), rtol=0, atol=1e-4)

@@ -1,12 +1,14 @@
 """model.py: logits parity with transformers for each family, generation, loading errors."""
+import copy
 import json
 import os
 
 import pytest
 import torch
 
+import fast
 from conftest import save_tiny_model
-from model import ModelLoadError, generate, load_model, save_model
+from model import ModelLoadError, generate, load_model, read_config, save_model
 
 
 def hf_logits(hf, ids, **kw):
@@ -27,8 +29,12 @@ FAMILIES = {
     "llama_linear_rope_scaling": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "llama_attention_bias": ("llama", {"attention_bias": True}),
     "mistral": ("mistral", {}),
+    "mistral_sliding_window": ("mistral", {"sliding_window": 16}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "qwen3_attention_bias": ("qwen3", {"attention_bias": True}),    # o_proj gets a bias too
+    "mistral_attention_bias_ignored": ("mistral", {"attention_bias": True}),  # as transformers ignores it
+    "llama_sliding_window_ignored": ("llama", {"sliding_window": 16}),       # llama has no window
 }
 
 
@@ -125,6 +131,155 @@ def test_saved_folder_loads_in_transformers_with_same_logits(tiny_model_dir, tmp
     assert (m(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-5
 
 
+# --- Gemma 3 -------------------------------------------------------------------------------
+# conftest's tiny Gemma 3: every weight random (norm weights too, so the (1 + w) gain is tested),
+# 5 layers of which 1 and 3 are global, a window of 8 tokens, RoPE bases 100 (local) and 5000 (global).
+
+GEMMA3 = {
+    "gemma3_text": ("gemma3_text", {}),
+    "gemma3_text_final_logit_softcapping": ("gemma3_text", {"final_logit_softcapping": 2.0}),
+    "gemma3_text_linear_rope_scaling_untied": ("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 4.0},
+                                                              "tie_word_embeddings": False}),
+    "gemma3_multimodal_folder": ("gemma3", {}),
+    "gemma3_multimodal_folder_untied": ("gemma3", {"tie_word_embeddings": False}),
+}
+
+
+def max_diff_to_transformers(ours, hf, ids):
+    with torch.no_grad():
+        return (ours(ids) - hf_logits(hf, ids)).abs().max().item()
+
+
+@pytest.mark.parametrize("name", GEMMA3)
+def test_gemma3_logits_equal_transformers_with_every_weight_randomized(tmp_path, name):
+    family, overrides = GEMMA3[name]
+    hf = save_tiny_model(str(tmp_path), family, **overrides)
+    ours = load_model(str(tmp_path))
+    assert set(ours.config.layer_types) == {"sliding_attention", "full_attention"}
+    ids = random_ids(128, T=40)  # 5 windows of 8 tokens
+    assert hf_logits(hf, ids).std() > 1  # logits of order 1: a wrong detail shows
+    assert max_diff_to_transformers(ours, hf, ids) <= 1e-4
+    assert max_diff_to_transformers(fast.accelerate(copy.deepcopy(ours)), hf, ids) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
+def test_gemma3_bf16_logits_equal_transformers_bit_for_bit(tmp_path, family):
+    """bf16 shows the order of the casts: the (1 + w) gain applied in fp32 before rounding, and
+    sqrt(C) rounded to bf16 before the product (both as transformers does)."""
+    import transformers
+    save_tiny_model(str(tmp_path), family)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    ids = random_ids(128, T=40)
+    assert torch.equal(load_model(str(tmp_path), dtype=torch.bfloat16)(ids), hf_logits(hf, ids))
+
+
+def test_gemma3_final_logit_softcapping_bounds_the_logits(tmp_path):
+    save_tiny_model(str(tmp_path), "gemma3_text", final_logit_softcapping=2.0)
+    logits = load_model(str(tmp_path))(random_ids(128))
+    assert logits.abs().max() < 2.0 and logits.abs().max() > 1.5
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
+def test_gemma3_greedy_generation_with_kv_cache_equals_transformers(tmp_path, family):
+    hf = save_tiny_model(str(tmp_path), family)
+    ours = load_model(str(tmp_path))
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # past the window of 8 before the first new token
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert generate(ours, [prompt], max_new_tokens=20)[0] == ref
+    assert generate(fast.accelerate(ours), [prompt], max_new_tokens=20)[0] == ref
+
+
+def test_gemma3_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
+    save_tiny_model(str(tmp_path), "gemma3_text")
+    m = load_model(str(tmp_path))
+    prompts = [list(range(20, 31)), [12, 13], [14, 15, 16, 17, 18]]
+    batched = generate(m, prompts, max_new_tokens=12)
+    assert batched == [generate(m, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == generate(m, prompts, max_new_tokens=12, use_cache=False)
+
+
+def rewrite_config(folder, edit):
+    file = os.path.join(folder, "config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_gemma3_older_sparse_config_reads_as_transformers_reads_it(tmp_path):
+    """The config.json of gemma-3 checkpoints on the Hub: rope_theta, rope_local_base_freq and
+    rope_scaling instead of rope_parameters, sliding_window_pattern instead of layer_types, and in a
+    gemma3 folder a text_config that leaves out whatever has Gemma3TextConfig's default."""
+    import transformers
+    save_tiny_model(str(tmp_path), "gemma3", num_hidden_layers=7, query_pre_attn_scalar=256)
+
+    def to_old_format(cfg):
+        text = cfg["text_config"]
+        for key in ("layer_types", "rope_parameters", "sliding_window_pattern", "_sliding_window_pattern",
+                    "query_pre_attn_scalar", "hidden_activation", "rms_norm_eps", "tie_word_embeddings"):
+            text.pop(key)
+        text.update(rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_local_base_freq=100.0)
+    rewrite_config(str(tmp_path), to_old_format)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ours = load_model(str(tmp_path))
+    assert ours.config.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert max_diff_to_transformers(ours, hf, random_ids(128, T=40)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
+def test_saved_gemma3_folder_loads_in_transformers_with_same_logits(tmp_path, family):
+    import transformers
+    from safetensors.torch import load_file
+    save_tiny_model(str(tmp_path / "src"), family)
+    m = load_model(str(tmp_path / "src"))
+    out = save_model(m, str(tmp_path / "saved"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert max_diff_to_transformers(m, hf, random_ids(128)) <= 1e-4
+    before, after = (load_file(os.path.join(d, "model.safetensors")) for d in (str(tmp_path / "src"), out))
+    assert before.keys() == after.keys()  # the vision tower too, in the names of the source
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gemma3_folder_with_transformers_module_names_loads(tmp_path):
+    """Tensors named as transformers' modules (model.language_model.*, model.vision_tower.*, lm_head)
+    rather than as in the Hub's files (language_model.model.*, vision_tower.*)."""
+    from safetensors.torch import load_file, save_file
+    hf = save_tiny_model(str(tmp_path), "gemma3", tie_word_embeddings=False)
+    file = os.path.join(tmp_path, "model.safetensors")
+    renamed = {}
+    for key, tensor in load_file(file).items():
+        key = key.replace("language_model.model.", "language_model.").replace("language_model.lm_head.", "lm_head.")
+        renamed[key if key.startswith("lm_head.") else "model." + key] = tensor
+    save_file(renamed, file)
+    assert max_diff_to_transformers(load_model(str(tmp_path)), hf, random_ids(128)) <= 1e-4
+
+
+def test_keys_left_out_of_config_json_get_transformers_defaults(tmp_path):
+    import transformers
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4)
+    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "gemma3_text": transformers.Gemma3TextConfig}
+    for family, config_cls in classes.items():
+        (tmp_path / "config.json").write_text(json.dumps(dict(sizes, model_type=family)))
+        ours, theirs = read_config(str(tmp_path)), config_cls(**sizes)
+        assert ours.num_key_value_heads == theirs.num_key_value_heads, family
+        assert ours.head_dim == getattr(theirs, "head_dim", None) or 64 // 4, family
+        assert ours.tie_word_embeddings == theirs.tie_word_embeddings, family
+        assert ours.rms_norm_eps == theirs.rms_norm_eps, family
+        assert ours.max_position_embeddings == theirs.max_position_embeddings, family
+        windows = [ours.sliding_window if t == "sliding_attention" else None for t in ours.layer_types]
+        their_types = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 7
+        their_window = getattr(theirs, "sliding_window", None)  # llama has none
+        assert windows == [their_window if t == "sliding_attention" else None for t in their_types], family
+        rope = theirs.rope_parameters.get("full_attention", theirs.rope_parameters)
+        assert ours.rope_theta == rope["rope_theta"], family
+    assert ours.local_rope == (theirs.rope_parameters["sliding_attention"]["rope_theta"], None)
+    assert ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+
+
 # --- bad input: one-line errors that name the problem ------------------------------------
 
 
@@ -169,6 +324,86 @@ def test_shape_mismatch_names_the_tensor(tiny_model_dir):
         json.dump(cfg, f)
     msg = one_line_error(load_model, tiny_model_dir)
     assert "has shape" in msg and "mlp." in msg and "_proj.weight" in msg
+
+
+# --- config values that change the math and are not computed: refused, the key named -------
+
+
+def refused(folder, edit):
+    rewrite_config(folder, edit)
+    return one_line_error(load_model, folder)
+
+
+@pytest.mark.parametrize("family,key,value", [("llama", "hidden_act", "gelu"), ("qwen2", "hidden_act", "relu"),
+                                              ("gemma3_text", "hidden_activation", "gelu")])
+def test_another_mlp_activation_is_refused(tmp_path, family, key, value):
+    save_tiny_model(str(tmp_path), family)
+    msg = refused(str(tmp_path), lambda cfg: cfg.update({key: value}))
+    assert f'{key} = "{value}"' in msg and "config.json" in msg
+
+
+def test_swish_loads_as_the_silu_it_is(tmp_path):
+    hf = save_tiny_model(str(tmp_path), "llama")
+    rewrite_config(str(tmp_path), lambda cfg: cfg.update(hidden_act="swish"))
+    assert max_diff_to_transformers(load_model(str(tmp_path)), hf, random_ids(128)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_use_sliding_window_is_refused(tmp_path, family):
+    save_tiny_model(str(tmp_path), family)
+    assert "use_sliding_window = true" in refused(str(tmp_path), lambda cfg: cfg.update(use_sliding_window=True))
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0}, {"type": "dynamic", "factor": 2.0}])
+def test_unknown_rope_type_is_refused(tmp_path, rope):
+    save_tiny_model(str(tmp_path))
+    msg = refused(str(tmp_path), lambda cfg: cfg.update(rope_parameters=dict(rope, rope_theta=10000.0)))
+    assert "rope type" in msg and repr(rope.get("rope_type", rope.get("type"))) in msg
+
+
+def test_gemma3_unknown_rope_type_of_the_global_layers_is_refused(tmp_path):
+    save_tiny_model(str(tmp_path), "gemma3_text")
+    msg = refused(str(tmp_path), lambda cfg: cfg["rope_parameters"]["full_attention"].update(rope_type="yarn"))
+    assert "rope type 'yarn' of the full_attention layers" in msg
+
+
+def test_partial_rotary_factor_is_refused(tmp_path):
+    save_tiny_model(str(tmp_path))
+    msg = refused(str(tmp_path), lambda cfg: cfg["rope_parameters"].update(partial_rotary_factor=0.5))
+    assert "partial_rotary_factor = 0.5" in msg
+
+
+@pytest.mark.parametrize("family,key,value", [
+    ("gemma3_text", "attn_logit_softcapping", 50.0),    # transformers' Gemma 3 ignores it: ambiguous
+    ("gemma3_text", "use_bidirectional_attention", True),
+    ("gemma3_text", "layer_types", ["sliding_attention", "chunked_attention"]),
+])
+def test_gemma3_value_not_computed_is_refused(tmp_path, family, key, value):
+    save_tiny_model(str(tmp_path), family)
+    assert f"{key} = {json.dumps(value)}" in refused(str(tmp_path), lambda cfg: cfg.update({key: value}))
+
+
+def test_gemma3_folder_with_final_logit_softcapping_is_refused(tmp_path):
+    """Gemma3ForConditionalGeneration does not apply it where Gemma3ForCausalLM does."""
+    save_tiny_model(str(tmp_path), "gemma3")
+    msg = refused(str(tmp_path), lambda cfg: cfg["text_config"].update(final_logit_softcapping=30.0))
+    assert "text_config.final_logit_softcapping = 30.0" in msg
+
+
+def test_training_a_model_with_final_logit_softcapping_is_refused(tmp_path):
+    import train
+    from config import Config
+    save_tiny_model(str(tmp_path), "gemma3_text", final_logit_softcapping=30.0)
+    msg = one_line_error(train.build_model, Config(model=str(tmp_path), method="lora"), torch.device("cpu"))
+    assert "final_logit_softcapping = 30.0" in msg
+
+
+@pytest.mark.parametrize("source,label,named", [("qwen2", "llama", "_proj.bias"),
+                                                ("llama", "gemma3_text", "pre_feedforward_layernorm"),
+                                                ("gemma3_text", "qwen3", "feedforward_layernorm")])
+def test_relabelled_folder_whose_tensors_do_not_fit_is_refused(tmp_path, source, label, named):
+    save_tiny_model(str(tmp_path), source)
+    assert named in refused(str(tmp_path), lambda cfg: cfg.update(model_type=label))
 
 
 # --- the real model ----------------------------------------------------------------------------
