@@ -499,6 +499,10 @@ def stop_ids(tokenizer, template="auto"):
     end-of-turn token (<|im_end|>, <|eot_id|>, or EOS)."""
     family, special, _ = resolve_template(template, tokenizer)
     end_of_turn = END_OF_TURN.get(family, special["eos"])
+    if family == "jinja":  # the added token that closes an answer in the model's own template
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        answer = next(text for text, k in jinja(probe, False, special) if k == 1)
+        end_of_turn = answer[answer.rindex("Hello") + 5:].strip() or end_of_turn
     ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eos_id}) | {tokenizer.token_to_id(end_of_turn)}
     return sorted(ids - {None})
 

@@ -348,6 +348,7 @@ def test_jinja_masks_a_template_we_have_no_function_for(tmp_path):
         data.resolve_template("auto", ours)
     ids, labels = data.render(CONVERSATIONS["multi-turn"], ours, "jinja")
     assert trained_runs(ours, ids, labels) == ["4<|end|>", "6, of course.<|end|>"]
+    assert ours.token_to_id("<|end|>") in data.stop_ids(ours, "jinja")  # generation stops there
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert ids == hf(hf.apply_chat_template(CONVERSATIONS["multi-turn"], tokenize=False), add_special_tokens=False)["input_ids"]
 
