@@ -15,7 +15,8 @@ the folder given with --model. Each is measured on held-out data only:
    does not, so it compares models with different tokenizers.
 2. Generation on the test set (test_data or --test_data): the prompt is every message but the last,
    the reference is the last (assistant) message; greedy decoding, batched, with a KV cache.
-   exact_match (ignoring surrounding whitespace), normalized_exact_match (lowercase, no punctuation,
+   stop_rate (the share of answers that end with the end-of-turn token within the length limit: a
+   base model rambles on), exact_match (ignoring surrounding whitespace), normalized_exact_match (lowercase, no punctuation,
    articles or extra spaces, as SQuAD normalises), and when every reference is a JSON object:
    valid_json (the whole answer parses as one) and field_accuracy (the share of reference fields
    the answer gets exactly right, per field too).
@@ -283,20 +284,20 @@ def preference_metrics(logps, reference=None, beta=0.1):
 
 def generate_answers(model, tokenizer, template, prompts, max_new_tokens, batch_size=16):
     """Greedy answers to a list of conversations (each ends before the answer), rendered with the
-    same template code as training. Batched by prompt length; generate() left-pads each batch."""
+    same template code as training, and for each whether it ended with a stop token (the model
+    closed its turn) within max_new_tokens. Batched by prompt length; generate() left-pads."""
     ids = [tokenizer.encode(data.format_chat(p, template, add_generation_prompt=True, tokenizer=tokenizer))
            for p in prompts]
     stops = set(data.stop_ids(tokenizer, template))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    answers = [None] * len(ids)
+    answers, stopped = [None] * len(ids), [False] * len(ids)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", file=sys.stderr, leave=False):
         chunk = order[start:start + batch_size]
         outs = generate(model, [ids[i] for i in chunk], max_new_tokens, temperature=0.0, stop_ids=stops)
         for i, out in zip(chunk, outs):
-            if out and out[-1] in stops:
-                out = out[:-1]
-            answers[i] = tokenizer.decode(out)
-    return answers
+            stopped[i] = bool(out) and out[-1] in stops
+            answers[i] = tokenizer.decode(out[:-1] if stopped[i] else out)
+    return answers, stopped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,8 +319,9 @@ def evaluate(model, tokenizer, cfg, sets, flags, label):
         prompts, references = zip(*sets["test"])
         longest = max(len(tokenizer.encode(r)) for r in references)
         max_new = flags["max_new_tokens"] or int(1.5 * longest) + 16
-        answers = generate_answers(model, tokenizer, cfg.template, list(prompts), max_new, flags["eval_batch_size"])
-        metrics.update(generation_metrics(answers, references))
+        answers, stopped = generate_answers(model, tokenizer, cfg.template, list(prompts), max_new,
+                                            flags["eval_batch_size"])
+        metrics.update(generation_metrics(answers, references), stop_rate=sum(stopped) / len(stopped))
     if sets["mc"]:
         metrics["mc_accuracy"] = multiple_choice_accuracy(model, tokenizer, sets["mc"])
     if sets["general"]:
@@ -394,6 +396,7 @@ METRIC_ROWS = [  # (key, label, format, better)
     ("val_loss", "validation loss (nats/token)", "{:.4f}", "lower"),
     ("val_ppl", "validation perplexity", "{:.3f}", "lower"),
     ("val_bpb", "validation bits per byte", "{:.4f}", "lower"),
+    ("stop_rate", "answers that end their turn (stop token within the length limit)", "{:.1%}", "higher"),
     ("exact_match", "exact match", "{:.1%}", "higher"),
     ("normalized_exact_match", "normalized exact match", "{:.1%}", "higher"),
     ("valid_json", "valid JSON", "{:.1%}", "higher"),

@@ -67,6 +67,18 @@ def test_generation_metrics_over_a_hand_made_set():
     assert metrics["field_accuracy_by_field"]["category"] == pytest.approx(2 / 3)
 
 
+def test_an_answer_counts_as_stopped_only_when_it_ends_with_a_stop_token(monkeypatch, real_model_dir):
+    """generate() returns the new tokens, the stop token included when one was hit: the answer text
+    leaves it out, and the stop rate counts it."""
+    tokenizer = load_tokenizer(real_model_dir)
+    end = tokenizer.token_to_id("<|im_end|>")
+    hello = tokenizer.encode("Hello")
+    monkeypatch.setattr(ev, "generate", lambda model, prompts, *a, **k: [hello + [end], hello][:len(prompts)])
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Hey"}]]
+    answers, stopped = ev.generate_answers(None, tokenizer, "auto", prompts, 8, batch_size=2)
+    assert answers == ["Hello", "Hello"] and sorted(stopped) == [False, True]
+
+
 def test_json_metrics_only_when_every_reference_is_a_json_object():
     metrics = ev.generation_metrics(["Paris", "4"], ["Paris", "four"])
     assert metrics == {"exact_match": 0.5, "normalized_exact_match": 0.5}
@@ -259,6 +271,7 @@ def test_eval_compares_base_and_adapter_and_prints_json_last(tiny_smollm_dir, tm
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("val_loss", "exact_match", "field_accuracy", "mc_accuracy", "forgetting_ppl_base", "forgetting_ppl_tuned"):
         assert metrics[key] is not None, key
+    assert 0.0 <= metrics["base"]["stop_rate"] <= 1.0 and 0.0 <= metrics["tuned"]["stop_rate"] <= 1.0
     assert metrics["base"]["val_tokens"] == metrics["tuned"]["val_tokens"] > 0  # 3 examples, same tokens
     assert metrics["forgetting_ppl_base"] != metrics["forgetting_ppl_tuned"]
     assert metrics["val_loss"] == metrics["tuned"]["val_loss"] != metrics["base"]["val_loss"]
