@@ -801,3 +801,120 @@ def test_gemma3_short_name_falls_back_to_the_cached_gguf_when_the_hub_fails(hub,
     assert (Path(out) / "GEMMA_TERMS.html").read_text() == "terms"
     assert sorted(os.listdir(out)) == ["GEMMA_TERMS.html", "config.json", "generation_config.json",
                                        "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+
+
+# The real gemma-3-270m: models/gemma-3-270m (.ci/run makes it) and the GGUF it was converted from.
+GEMMA_DIR = Path(os.environ.get("SFT_GEMMA_MODEL", ROOT / "models" / "gemma-3-270m"))
+GEMMA_GGUF = Path(get_model.CACHE_DIR) / get_model.GEMMA3_GGUF
+# google/gemma-3-270m's config.json as published on the Hub
+PUBLISHED_GEMMA3_270M_CONFIG = {
+    "_sliding_window_pattern": 6, "architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+    "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": 1,
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 640, "initializer_range": 0.02, "intermediate_size": 2048,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+    "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0, "rope_scaling": None, "rope_theta": 1000000.0,
+    "sliding_window": 512, "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0",
+    "use_bidirectional_attention": False, "use_cache": True, "vocab_size": 262144}
+
+
+@pytest.fixture(scope="module")
+def gemma_270m():
+    """(models/gemma-3-270m as get_model converts it, the GGUF it came from). Missing: a skip on a
+    developer's machine, a failure in CI (CI=true), as conftest's real_model_dir."""
+    for path in (GEMMA_DIR / "model.safetensors", GEMMA_GGUF):
+        if not path.is_file():
+            message = f"{path} not found; run `python tools/get_model.py google/gemma-3-270m --source gguf`"
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return GEMMA_DIR, GEMMA_GGUF
+
+
+def gemma_test_texts():
+    """A few hundred strings: prose in several scripts, code, emoji, digits, whitespace runs
+    (spaces up to 70: longer than Gemma's longest space piece, 31), Gemma's markers and HTML tags."""
+    import random
+    texts = [
+        "Hello world", "The capital of France is Paris.", " leading space", "two  spaces", "trailing ",
+        "   three leading", "tabs\tand\t\ttabs", "new\nline\n\n\nthree", "\r\nwindows\r\n", "ünïcödé façade naïve",
+        "emoji 🙂🚀👩‍👩‍👧‍👦 done", "日本語のテキストです。", "中文文本测试", "한국어 텍스트", "Ελληνικά", "русский текст",
+        "עברית", "العربية", "हिन्दी", "def f(x):\n    return x**2  # square\n", "for (int i = 0; i < n; ++i) { a[i] = b[i]; }",
+        "12345 678901234 3.14159 1e-5 0x1F", "In 2024, it's 12345 steps!", "<start_of_turn>", "a<end_of_turn>b",
+        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos>text<eos>", "<pad><unk><mask>",
+        "<unused0> <unused98> <unused99>", "[multimodal]", "<table><tr><td>x</td></tr></table>", "<h1>T</h1> <b>b</b>",
+        "<start_of_image><end_of_image>", "<0x41> a byte piece's name", "▁ one lower eighth block", " " * 40 + "x",
+        "\n" * 40, "\t" * 35 + "y", "mixed \t \n \r\n  \u3000 ideographic space", "zero\u200bwidth", "nbsp\u00a0here",
+        "combining e\u0301", "ﬁ ligature ＡＢＣ fullwidth", "", " ", "  ", "\n", "a", "😀", "\x00 nul \x07 bell \x7f del",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Zalgo t̷̪͂e̸̘̓x̶̰̾t̵̫͝", "https://example.com/path?q=1&r=2#frag", "{\"a\": [1, 2, {\"b\": null}]}",
+        "line with trailing spaces   \nnext", "  indented\n    more\n\tt", "CamelCase snake_case kebab-case", "!!!???...---"]
+    rng = random.Random(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 \t\n.,;:!?'\"()[]{}<>_-+=*/\\|@#$%^&~`") + \
+        ["é", "ü", "ß", "中", "日", "🙂", "👍🏽", "\u200d", "  ", "<start_of_turn>", "<end_of_turn>", "<b>", "\n\n", "    "]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    texts += [" " * rng.randint(1, 70) + "w" + "\n" * rng.randint(0, 35) + "\t" * rng.randint(0, 35) + " " * rng.randint(0, 5)
+              + "z" for _ in range(40)]
+    return texts
+
+
+def test_gemma3_270m_config_is_the_published_config(gemma_270m):
+    folder, _ = gemma_270m
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("tie_word_embeddings") is True  # the published config leaves it to the default, True
+    assert config.pop("torch_dtype") == "float32"  # our weights: the GGUF's dequantized values
+    published = {k: v for k, v in PUBLISHED_GEMMA3_270M_CONFIG.items() if k not in ("torch_dtype", "transformers_version")}
+    assert config == published
+
+
+def test_gemma3_270m_logits_equal_transformers_own_gguf_loader(gemma_270m):
+    """Both dequantize the same bytes: the logits agree to float32 noise (here exactly), on
+    prompts short and past the 512-token sliding window."""
+    import sentencepiece
+    from transformers import AutoModelForCausalLM
+    folder, gguf_path = gemma_270m
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ",
+               "<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n",
+               "The quick brown fox jumps over the lazy dog. " * 60]
+    batches = [torch.tensor([[2] + sp.encode(p)]) for p in prompts]
+    assert batches[-1].shape[1] > 512
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        logits = [ours(ids).logits for ids in batches]
+        del ours
+        reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32).eval()
+        for ids, got in zip(batches, logits):
+            assert (got - reference(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_gemma3_270m_token_ids_equal_transformers_own_gguf_tokenizer(gemma_270m):
+    """transformers on our folder and tokenizer.py (its SentencePiece path) on our tokenizer.model give
+    transformers' GGUF ids, and so does sentencepiece alone on text without <bos>/<eos>/<pad>/<unk>
+    (control pieces never come from text). The one exception: a run of 32+ spaces, which
+    sentencepiece, Gemma's own tokenizer, cuts longest piece first (31 + ...) and transformers by BPE
+    merges (16 + 16 + ...): there tokenizer.py and sentencepiece agree with each other."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+    from tokenizer import load_tokenizer
+    folder, gguf_path = gemma_270m
+    reference = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    converted, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    texts = gemma_test_texts()
+    assert len(texts) > 300
+    for text in texts:
+        ids = reference(text, add_special_tokens=False).input_ids
+        assert converted(text, add_special_tokens=False).input_ids == ids, text
+        assert ours.decode(ids) == converted.decode(ids) == reference.decode(ids), text
+        if " " * 32 in text:
+            assert ours.encode(text) == sp.encode(text), text
+            assert reference.decode(sp.encode(text)) == reference.decode(ids), text
+            continue
+        assert ours.encode(text) == ids, text
+        if not any(t in text for t in ["<bos>", "<eos>", "<pad>", "<unk>"]):
+            assert sp.encode(text) == ids, text
+    assert converted("Hi").input_ids == reference("Hi").input_ids == [2, 10979]  # <bos> added
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.stop_ids) == (2, 1, 0, {1, 106})
