@@ -561,6 +561,9 @@ def _write_gemma3_tokenizer(meta, out_dir):
     makes sentencepiece match them in text, as Gemma's own tokenizer.model does (gemma_pytorch
     encodes its prompts, markers included, with sentencepiece alone). tokenizer_config.json's
     added_tokens_decoder still marks them special (skipped by decode(skip_special_tokens=True)).
+    It lists every piece but the NORMAL and BYTE ones, less the runs of spaces ("▁▁" ...):
+    sentencepiece matches those itself, where a tokenizer that cuts added tokens out of the raw
+    text (tokenizer.py) would look for "▁▁" in text that has spaces, and decode them as "▁".
 
     The model: BPE with byte fallback (a character outside the vocabulary becomes its UTF-8 bytes
     <0xNN>), normalizer as Gemma's: no normalization, no dummy prefix, runs of spaces kept, spaces
