@@ -33,6 +33,18 @@ def missing_real_data(message):
     pytest.skip(message)
 
 
+GEMMA_DIR = os.environ.get("SFT_GEMMA_MODEL", os.path.join(ROOT, "models", "gemma-3-270m"))
+
+
+@pytest.fixture(scope="session")
+def gemma_dir():
+    """Gemma 3 270M (base) as an HF folder, made offline by `python tools/get_model.py google/gemma-3-270m
+    --source gguf` (.ci/run does). Missing: a skip here, a failure in CI."""
+    if not os.path.isfile(os.path.join(GEMMA_DIR, "model.safetensors")):
+        missing_real_data(f"{GEMMA_DIR} not found; run `python tools/get_model.py google/gemma-3-270m --source gguf`")
+    return GEMMA_DIR
+
+
 MISTRAL_COMMON = "mistral-common==1.13.1"
 MISTRAL_VOCABS = {"v1": "mistral_common/data/tokenizer.model.v1",  # Mistral 7B (Instruct) v0.1/v0.2, Mixtral 8x7B
                   "v3": "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3"}  # Mistral 7B v0.3

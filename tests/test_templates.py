@@ -567,3 +567,21 @@ def test_mistral_v3_real_vocabulary_gives_mistral_commons_ids_and_masks(mistral_
     assert ids == [1, 3, *sp.encode(messages[1]["content"]), 4, *sp.encode(messages[2]["content"]), 2,
                    3, *sp.encode(user2), 4, *sp.encode(messages[4]["content"]), 2]
     assert trained_runs(ours, ids, labels) == [" 4</s>", " 6, of course.</s>"]
+
+
+def test_gemma3_real_vocabulary_and_template_give_transformers_text_and_ids(gemma_dir):
+    """Gemma 3's SentencePiece vocabulary (262,144 pieces, <start_of_turn> and <end_of_turn> as
+    user-defined pieces) and its template: auto picks gemma, text and ids equal transformers', and the
+    answers with their <end_of_turn> are what is trained."""
+    ours, hf = load_tokenizer(gemma_dir), transformers.AutoTokenizer.from_pretrained(gemma_dir)
+    assert data.resolve_template("auto", ours)[0] == "gemma"
+    for name, messages in CONVERSATIONS.items():
+        if name == "prompt only":
+            continue
+        text = hf.apply_chat_template(messages, tokenize=False)
+        assert data.format_chat(messages, "auto", tokenizer=ours) == text
+        ids, labels = data.render(messages, ours, "auto")
+        assert ids == hf(text, add_special_tokens=False)["input_ids"], name
+    ids, labels = data.render(CONVERSATIONS["multi-turn"], ours, "auto")
+    assert trained_runs(ours, ids, labels) == ["4<end_of_turn>", "6, of course.<end_of_turn>"]
+    assert ours.token_to_id("<end_of_turn>") in data.stop_ids(ours, "auto")
