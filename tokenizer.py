@@ -392,6 +392,10 @@ class SentencePieceTokenizer:
         # the text means the id, as in Hugging Face.
         own = [{"content": self.sp.id_to_piece(i), "id": i, "special": True}
                for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)]
+        # Gemma's tokenizer_config.json lists its whitespace pieces ("▁▁", ...) as added tokens: they are
+        # the model's own pieces (same id), which sentencepiece encodes and decodes (as spaces) itself.
+        added_tokens = [t for t in added_tokens if not ("▁" in t["content"] and not t.get("special")
+                                                        and t["id"] < n and self.sp.id_to_piece(t["id"]) == t["content"])]
         added = {t["content"]: t for t in own + list(added_tokens)}.values()
         self.added_id = {t["content"]: t["id"] for t in added}
         self.added_str = {t["id"]: t["content"] for t in added}

@@ -1,6 +1,7 @@
 """tokenizer.py gives the same ids as the reference libraries (`tokenizers`, `sentencepiece`) and
 decodes back to the text; bos/eos/pad and the chat template come from the folder's config files."""
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -527,3 +528,21 @@ def test_sentencepiece_control_and_user_defined_symbols_match_transformers(tmp_p
     for text in [*CONTROL_TEXTS.values(), "<tool> hi</tool> x", "[INST] Hello <tool>a</tool>[/INST] ok",
                  "x <tool>", "<tool>x", "<tool>\n</tool>\tb", "[INST]<tool>[/INST] <tool> "]:
         assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_whitespace_pieces_listed_as_added_tokens_decode_as_spaces(gemma_dir, tmp_path):
+    """A Gemma folder from the Hub lists its whitespace pieces ("▁▁" ... 31 of them) among the added
+    tokens of tokenizer_config.json; they are the model's own pieces, and decode as the spaces they are."""
+    import shutil
+    config = json.loads(open(os.path.join(gemma_dir, "tokenizer_config.json")).read())
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(gemma_dir, "tokenizer.model"))
+    for n in range(2, 32):
+        i = sp.piece_to_id("▁" * n)
+        config["added_tokens_decoder"][str(i)] = {"content": "▁" * n, "lstrip": False, "normalized": False,
+                                                  "rstrip": False, "single_word": False, "special": False}
+    shutil.copy(os.path.join(gemma_dir, "tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hub, ours = load_tokenizer(tmp_path), load_tokenizer(gemma_dir)
+    text = "def f(x):\n    return  x   # three spaces"
+    assert hub.encode(text) == ours.encode(text)
+    assert hub.decode(hub.encode(text)) == text
