@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import get_model  # noqa: E402
+import gguf_to_hf  # noqa: E402
 from get_model import DownloadError, convert_gguf, download_from_hub, get_model as get  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
@@ -391,13 +392,13 @@ def test_unpermute_qk_is_the_inverse_of_llama_cpp_permute(n_head, head_dim, cols
     w = np.random.default_rng(0).standard_normal((n_head * head_dim, cols)).astype(np.float32)
     permuted = llama_cpp_permute(w, n_head)
     assert not np.array_equal(permuted, w)
-    np.testing.assert_array_equal(get_model.unpermute_qk(permuted, n_head), w)
-    np.testing.assert_array_equal(llama_cpp_permute(get_model.unpermute_qk(w, n_head), n_head), w)
+    np.testing.assert_array_equal(gguf_to_hf.unpermute_qk(permuted, n_head), w)
+    np.testing.assert_array_equal(llama_cpp_permute(gguf_to_hf.unpermute_qk(w, n_head), n_head), w)
 
 
 HF_TO_GGUF = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
-HF_TO_GGUF_LAYER = {v: k for k, v in get_model.GGUF_TO_HF_LAYER.items()}
+HF_TO_GGUF_LAYER = {v: k for k, v in gguf_to_hf.GGUF_TO_HF_LAYER.items()}
 
 
 def write_tiny_gguf(path, model, tokenizer, extra_tensor=None, pre="smollm"):
@@ -597,7 +598,7 @@ def make_gemma3_model(vocab_size):
     return model
 
 
-HF_TO_GEMMA3_LAYER = {v: k for k, v in get_model.GEMMA3_TO_HF_LAYER.items()}
+HF_TO_GEMMA3_LAYER = {v: k for k, v in gguf_to_hf.GEMMA3_TO_HF_LAYER.items()}
 
 
 def write_tiny_gemma3_gguf(path, model, extra_tensor=None):
@@ -739,7 +740,7 @@ def test_gemma3_tokenizer_config_has_the_special_tokens_and_the_gemma3_chat_temp
     assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 6]  # <end_of_turn>
     published = ROOT / "tests" / "data" / "chat_templates" / "gemma3.jinja"
-    assert get_model.GEMMA3_CHAT_TEMPLATE == published.read_text(encoding="utf-8")
+    assert gguf_to_hf.GEMMA3_CHAT_TEMPLATE == published.read_text(encoding="utf-8")
 
 
 def test_convert_gemma3_rejects_a_tensor_it_does_not_know(tmp_path):
