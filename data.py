@@ -19,6 +19,10 @@ Bad input (a malformed line, a missing field, an unknown role, a non-string cont
 example with no trained token left) stops with "file:line: reason", or with on_bad_data="skip" is
 skipped and counted in DataStats. Nothing is dropped without being counted.
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import bisect
 import json
 import os
@@ -563,7 +567,7 @@ def show(examples, tokenizer, n, color=None, file=None):
 
 @script
 def main(argv=None):
-    cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {"show": 3, "data": ""})
+    cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {"show": 3, "data": ""}, {"show": "[0, inf)"})
     if flags["data"]:  # a quick look at one file: all of it, no validation split
         cfg.train_data, cfg.data_weights, cfg.val_data, cfg.val_fraction = [flags["data"]], [], "", 0.0
     from tokenizer import load_tokenizer

@@ -34,6 +34,10 @@ chosen answer more likely, and for the fine-tuned model DPO's reward accuracy an
 object: the fine-tuned model's metrics (the base's when there is none), forgetting_ppl_base and
 forgetting_ppl_tuned, and every metric of both models under "base" and "tuned".
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import hashlib
 import json
 import math
@@ -49,9 +53,9 @@ from tqdm import tqdm
 import data
 import fast
 import lora
-from config import ConfigError, UserError, fetch_model, parse_cli, resolve_hardware, script
+from config import ConfigError, UserError, check_out_folder, fetch_model, parse_cli, resolve_hardware, script
 from loss import fused_cross_entropy, masked_cross_entropy, sequence_logps
-from model import check_logits_are_lm_head, generate, load_model
+from model import check_logits_are_lm_head, generate, load_model, read_config
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -484,10 +488,14 @@ def main(argv=None):
         "adapter": "", "model": "", "test_data": "", "limit": 0, "json": False, "out": "", "show": 10,
         "mc_data": os.path.join(ROOT, "data", "eval", "mc.jsonl"), "max_new_tokens": 0,
         "general_text": os.path.join(ROOT, "data", "eval", "general.txt"), "eval_batch_size": 16,
-        "base_cache": "", "pref_data": ""})
+        "base_cache": "", "pref_data": ""},
+        ranges={"limit": "[0, inf)", "show": "[0, inf)", "max_new_tokens": "[0, inf)", "eval_batch_size": "[1, inf)"})
     if flags["adapter"] and flags["model"]:
         raise ConfigError("give --adapter (LoRA on the config's model) or --model (a model folder), not both")
     cfg.model = fetch_model(cfg.model)
+    tuned_name = flags["adapter"] or flags["model"]
+    folder = flags["out"] or (os.path.dirname(os.path.abspath(tuned_name)) if tuned_name else cfg.out_dir)
+    check_out_folder(folder, "--out")
     device, cfg.dtype = resolve_hardware(cfg)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)

@@ -20,6 +20,10 @@ validation curve). Validation loss is the thing to compare: training loss reward
 Grid syntax: space-separated KEY=V1,V2,... with the types of config.py (a value that holds a comma,
 like a tuple, goes in brackets: "betas=(0.9,0.95),(0.9,0.999)").
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import datetime
 import itertools
 import json
@@ -31,7 +35,8 @@ import sys
 import time
 
 import data
-from config import EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, load_config, script, split_cli, unknown_key_error
+from config import (EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, check_out_folder, fetch_model, load_config, script,
+                    split_cli, unknown_key_error)
 from plot import write_svg_chart
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -237,7 +242,7 @@ def write_results(sweep_dir, command, axes, names):
 
 def parse_args(argv):
     """-> (config path, grid string, limit_runs, [--key=value overrides for every run])."""
-    config, overrides, flags = split_cli(argv, {"grid": "", "limit_runs": 0})
+    config, overrides, flags = split_cli(argv, {"grid": "", "limit_runs": 0}, {"limit_runs": "[0, inf)"})
     if not config or not flags["grid"]:
         raise ConfigError("usage: python sweep.py --config FILE --grid \"key=v1,v2 key2=v3,v4\" [--key=value ...]")
     return config, flags["grid"], flags["limit_runs"], overrides
@@ -250,12 +255,14 @@ def main(argv=None):
     axes = parse_grid(grid)
     points = grid_points(axes)
     sweep_dir = load_config(config, overrides).out_dir
+    check_out_folder(sweep_dir)
     names = [(run_name(p), p) for p in points]
     if len({n for n, _ in names}) != len(names):
         raise ConfigError("--grid: two grid points give the same folder name; use distinct values")
     for name, point in names:  # every point must be a valid config before anything runs
         cfg = load_config(config, overrides + [f"{key}={value}" for key, value in point])
         data.check_data_files(cfg)
+        fetch_model(cfg.model)  # as train.py would first: a missing model fails here, not in every run
     command = " ".join(["python sweep.py"] + [f'"{a}"' if " " in a else a for a in argv])
     print(f"sweep: {len(points)} runs in {sweep_dir}" + (f" (running the first {limit})" if limit else ""))
     overrides = [o for o in overrides if not o.startswith("--out_dir=")]  # each run gets its own

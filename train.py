@@ -23,6 +23,10 @@ The run folder (out_dir) gets: config.json, metrics.jsonl, loss.svg, ckpt/ (resu
 best/ (the weights with the lowest validation loss), and at the end adapter/ (LoRA, QLoRA:
 a PEFT folder) or model/ (other methods: an HF folder), plus merged/ when merge = True.
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import enum
 import json
 import math
@@ -43,7 +47,7 @@ import data
 import fast
 import lora
 from checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_loss_curve, write_metrics
-from config import ConfigError, fetch_model, parse_cli, resolve_hardware, save_config, script
+from config import ConfigError, check_out_folder, fetch_model, parse_cli, resolve_hardware, save_config, script
 from loss import (distillation_loss, dpo_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy,
                   orpo_loss, sequence_logps)
 from model import check_logits_are_lm_head, generate, load_model, save_model
@@ -144,6 +148,7 @@ def setup(cfg, resume=False):
     """The data, the model and the optimizer state; with resume, all as the latest checkpoint left
     them. A mistake in the config, data or model stops here, before anything is written."""
     data.check_data_files(cfg)
+    check_out_folder(cfg.out_dir)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     if os.path.exists(os.path.join(ckpt_dir, "latest")) != resume:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}" if resume else
@@ -218,9 +223,12 @@ def build_model(cfg, device):
     model = load_model(cfg.model, dtype=torch.bfloat16 if bf16 and cfg.method != "full" else torch.float32,
                        device=device)
     check_logits_are_lm_head(model)
-    lora.prepare_model(model, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
-                       rslora=cfg.rslora, train_layers=cfg.train_layers, train_head=cfg.train_head)
+    try:
+        lora.prepare_model(model, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                           lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
+                           rslora=cfg.rslora, train_layers=cfg.train_layers, train_head=cfg.train_head)
+    except ValueError as e:  # a setting this model does not have: a LoRA target, train_layers, ...
+        raise ConfigError(str(e)) from None
     model.to(device)
     for p in model.parameters():
         if p.requires_grad:
@@ -536,30 +544,30 @@ def fit(run, stop_after=0):
     cfg, progress = run.cfg, run.progress
     interrupted = []
     signal.signal(signal.SIGINT, lambda *a: sys.exit(130) if interrupted else interrupted.append(1))
-    bar = tqdm(total=run.total_steps, initial=progress["step"], disable=not run.is_main, desc="train")
     stop, steps_run = Stop.DONE if progress["step"] >= run.total_steps else None, 0
-    while stop is None:
-        record = train_step(run, next_step_rows(run))
-        if record is None:
-            stop = Stop.NON_FINITE
-            break
-        steps_run += 1
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        done = progress["step"] == run.total_steps
-        if run.val_batches and (done or (cfg.eval_every and progress["step"] % cfg.eval_every == 0)):
-            evaluate_and_keep_best(run, record)
-        elif run.is_main and (progress["step"] % cfg.log_every == 0 or done):
-            write_metrics(cfg.out_dir, [record], mode="a")
-        patience = cfg.early_stopping_patience
-        stop = (Stop.DONE if done else
-                Stop.EARLY_STOP if patience and progress["evals_since_best"] >= patience else
-                Stop.INTERRUPT if interrupted else
-                Stop.STOP_AFTER if steps_run == stop_after else None)
-        if stop or progress["step"] % cfg.save_every == 0:
-            run.save()
-    bar.close()
+    bar = tqdm(total=run.total_steps, initial=progress["step"], disable=not run.is_main, desc="train")
+    with bar:  # closed on an error too: the error's line starts a line of its own
+        while stop is None:
+            record = train_step(run, next_step_rows(run))
+            if record is None:
+                stop = Stop.NON_FINITE
+                break
+            steps_run += 1
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            done = progress["step"] == run.total_steps
+            if run.val_batches and (done or (cfg.eval_every and progress["step"] % cfg.eval_every == 0)):
+                evaluate_and_keep_best(run, record)
+            elif run.is_main and (progress["step"] % cfg.log_every == 0 or done):
+                write_metrics(cfg.out_dir, [record], mode="a")
+            patience = cfg.early_stopping_patience
+            stop = (Stop.DONE if done else
+                    Stop.EARLY_STOP if patience and progress["evals_since_best"] >= patience else
+                    Stop.INTERRUPT if interrupted else
+                    Stop.STOP_AFTER if steps_run == stop_after else None)
+            if stop or progress["step"] % cfg.save_every == 0:
+                run.save()
     return stop
 
 
