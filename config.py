@@ -303,11 +303,6 @@ def parse_cli(argv, flags=None, ranges=None):
     return load_config(path, overrides), flags
 
 
-def save_config(cfg, path):
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-
 def check_out_folder(folder, key="out_dir"):
     """ConfigError unless `folder` is, or can be made, a writable folder: checked before anything is
     loaded, and without creating it (a refused run writes nothing)."""

@@ -35,8 +35,9 @@ import sys
 import time
 
 import data
-from config import (EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, check_out_folder, fetch_model, load_config, script,
-                    split_cli, unknown_key_error)
+from checkpoint import read_metrics, write_atomic
+from config import (EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, UserError, check_out_folder, fetch_model, load_config,
+                    script, split_cli, unknown_key_error)
 from plot import write_svg_chart
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -125,8 +126,7 @@ def run_train(config, overrides, out_dir, log=print):
     checkpoint is resumed. Returns None when the run was interrupted (Ctrl-C): run again to resume."""
     record_path = os.path.join(out_dir, "run.json")
     if os.path.exists(record_path):
-        with open(record_path) as f:
-            return dict(json.load(f), skipped=True)
+        return dict(read_record(record_path), skipped=True)
     resume = os.path.exists(os.path.join(out_dir, "ckpt", "latest"))
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, *overrides,
                f"--out_dir={out_dir}"] + (["--resume"] if resume else [])
@@ -153,8 +153,7 @@ def run_train(config, overrides, out_dir, log=print):
                   command=" ".join(["python", "train.py"] + command[2:]),
                   error=next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
                   if status == "failed" else "")
-    with open(record_path, "w") as f:
-        json.dump(record, f, indent=2)
+    write_atomic(record_path, json.dumps(record, indent=2))
     return record
 
 
@@ -170,14 +169,20 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_record(path):
+    """A run's run.json (written whole by run_train: damaged only from outside)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it to run that point again") from None
+
+
 def summarize_run(out_dir):
     """The numbers of one run folder: best and final validation loss (and the step of the best),
     final training loss, median tokens/s (step 1, the warm-up, left out), peak RSS, wall time, status."""
-    metrics = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
-    record = {}
-    if os.path.exists(os.path.join(out_dir, "run.json")):
-        with open(os.path.join(out_dir, "run.json")) as f:
-            record = json.load(f)
+    metrics = read_metrics(out_dir)  # a half-written last line (a killed run) is dropped with a warning
+    record = read_record(os.path.join(out_dir, "run.json")) if os.path.exists(os.path.join(out_dir, "run.json")) else {}
     vals = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
     speeds = [m["tokens_per_s"] for m in metrics if m["step"] > 1] or [m["tokens_per_s"] for m in metrics]
@@ -224,16 +229,16 @@ def write_results(sweep_dir, command, axes, names):
         if os.path.exists(os.path.join(folder, "metrics.jsonl")):
             rows.append(dict(summarize_run(folder), name=name, point=dict(point)))
     rows = by_val_loss(rows)
-    with open(os.path.join(sweep_dir, "results.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows], f, indent=2)
+    write_atomic(os.path.join(sweep_dir, "results.json"),
+                 json.dumps([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows], indent=2))
     write_svg_chart(os.path.join(sweep_dir, "val_loss.svg"),
                     {r["name"]: r["val_curve"] for r in rows}, title=f"validation loss: {sweep_dir}",
                     xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
     table = results_table(rows, keys)
-    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-        f.write(f"# Sweep: {sweep_dir}\n\nCommand: `{command}`\n\n"
-                f"Updated {datetime.datetime.now():%Y-%m-%d %H:%M}; {len(rows)} of {len(names)} runs have "
-                f"results. Sorted by best validation loss. Curves: val_loss.svg\n\n{table}\n")
+    write_atomic(os.path.join(sweep_dir, "results.md"),
+                 f"# Sweep: {sweep_dir}\n\nCommand: `{command}`\n\n"
+                 f"Updated {datetime.datetime.now():%Y-%m-%d %H:%M}; {len(rows)} of {len(names)} runs have "
+                 f"results. Sorted by best validation loss. Curves: val_loss.svg\n\n{table}\n")
     return table
 
 
