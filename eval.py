@@ -503,28 +503,34 @@ def main(argv=None):
         sets = read_sets(cfg, flags)
         tokenizer = load_tokenizer(cfg.model)
         model = with_kernels(load_model(cfg.model, dtype=dtype, device=device), cfg, device)
-        base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
+        # What is evaluated after the base must be readable, and fit, before the base's evaluation
+        # (minutes) is spent: an adapter of another base model stops here.
+        if flags["adapter"]:
+            lora.read_adapter(model, flags["adapter"])
+        elif flags["model"]:
+            read_config(flags["model"])
+            load_tokenizer(flags["model"])
         pref = flags["pref_data"]  # held-out preference pairs: how often the chosen answer wins
-        base_pairs = pair_logps(model, tokenizer, preference_pairs(cfg, tokenizer, pref, flags["limit"]),
-                                flags["eval_batch_size"]) if pref else None
+        pairs = preference_pairs(cfg, tokenizer, pref, flags["limit"]) if pref else None
+        base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
+        base_pairs = pair_logps(model, tokenizer, pairs, flags["eval_batch_size"]) if pref else None
         base.update(preference_metrics(base_pairs) if pref else {})
-        tuned, tuned_answers, tuned_name = None, [], flags["adapter"] or flags["model"]
+        tuned, tuned_answers = None, []
         if flags["adapter"]:  # the same base weights with the LoRA layers added in place
             model = with_kernels(lora.load_adapter(model, flags["adapter"]), cfg, device)
         elif flags["model"]:
             del model
             tokenizer = load_tokenizer(flags["model"])
             model = with_kernels(load_model(flags["model"], dtype=dtype, device=device), cfg, device)
+            pairs = preference_pairs(cfg, tokenizer, pref, flags["limit"]) if pref else None
         if tuned_name:
             tuned, tuned_answers = evaluate(model, tokenizer, cfg, sets, flags, "fine-tuned")
             if pref:
-                pairs = pair_logps(model, tokenizer, preference_pairs(cfg, tokenizer, pref, flags["limit"]),
-                                   flags["eval_batch_size"])
-                tuned.update(preference_metrics(pairs, base_pairs, cfg.dpo_beta))
-    except (OSError, ValueError) as e:  # a file that cannot be read, an adapter that does not fit
+                tuned_pairs = pair_logps(model, tokenizer, pairs, flags["eval_batch_size"])
+                tuned.update(preference_metrics(tuned_pairs, base_pairs, cfg.dpo_beta))
+    except ValueError as e:  # a file that does not parse, an adapter that does not fit (OSError: script())
         raise UserError(str(e)) from None
 
-    folder = flags["out"] or (os.path.dirname(os.path.abspath(tuned_name)) if tuned_name else cfg.out_dir)
     report = os.path.join(folder, "eval.md" if tuned else "eval_base.md")
     write_report(report, " ".join(["python eval.py"] + argv), cfg, flags, sets, base, tuned, base_answers, tuned_answers, tuned_name)
     result = dict(tuned or base)

@@ -131,6 +131,7 @@ WALK = [  # (script, arguments, what its one line says): a missing or invalid mo
     ("train.py", TRAIN + ["--model=README.md"], "is a file"),
     ("train.py", TRAIN + ["--train_data=data"], "train_data: data: is a directory"),
     ("train.py", TRAIN + ["--out_dir=README.md/run"], "is a file, not a folder"),
+    ("eval.py", ["--config", "configs/tiny.py", "--model=/nonexistent/m"], "/nonexistent/m: not a folder"),
     ("eval.py", ["--config", "configs/tiny.py", "--adapter=/nonexistent/a"], "adapter_config.json: missing"),
     ("eval.py", ["--config", "configs/tiny.py", "--test_data=data"], "data: is a directory"),
     ("eval.py", ["--config", "configs/tiny.py", "--out=README.md"], "is a file, not a folder"),
