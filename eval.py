@@ -496,6 +496,8 @@ def main(argv=None):
     tuned_name = flags["adapter"] or flags["model"]
     folder = flags["out"] or (os.path.dirname(os.path.abspath(tuned_name)) if tuned_name else cfg.out_dir)
     check_out_folder(folder, "--out")
+    if flags["base_cache"]:
+        check_out_folder(flags["base_cache"], "--base_cache")
     device, cfg.dtype = resolve_hardware(cfg)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)

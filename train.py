@@ -204,9 +204,11 @@ def check_resume(cfg, allow_changes):
         with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
+        reason = (f"--resume: {path} cannot be read ({getattr(e, 'strerror', None) or e}), "
+                  f"so the settings cannot be checked")
         if not allow_changes:
-            raise ConfigError(f"--resume: {path} cannot be read ({getattr(e, 'strerror', None) or e}), so the "
-                              f"settings cannot be checked; add --allow_changes to continue anyway") from None
+            raise ConfigError(f"{reason}; add --allow_changes to continue anyway") from None
+        print(f"warning: {reason}; going on (--allow_changes)", file=sys.stderr)
         return {}
     if cfg.dtype == "auto":
         cfg.dtype = saved.get("dtype", "auto")

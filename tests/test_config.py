@@ -135,6 +135,7 @@ WALK = [  # (script, arguments, what its one line says): a missing or invalid mo
     ("eval.py", ["--config", "configs/tiny.py", "--adapter=/nonexistent/a"], "adapter_config.json: missing"),
     ("eval.py", ["--config", "configs/tiny.py", "--test_data=data"], "data: is a directory"),
     ("eval.py", ["--config", "configs/tiny.py", "--out=README.md"], "is a file, not a folder"),
+    ("eval.py", ["--config", "configs/tiny.py", "--base_cache=README.md"], "is a file, not a folder"),
     ("chat.py", ["--model=/nonexistent/m"], "no such folder"),
     ("chat.py", ["--model=README.md"], "is a file"),
     ("chat.py", ["--model=models/tiny", "--adapter=/nonexistent/a"], "adapter_config.json: missing"),
