@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from config import UserError, describe_os_error, naming
+from config import KEYS, MATH_KEYS, ConfigError, UserError, config_differences, describe_os_error, naming
 from plot import write_svg_chart
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +64,38 @@ def atomic_folder(folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The run's settings: config.json (how it started) and changes.jsonl (what a resume changed)
+
+
 def save_config(cfg, path):
     write_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def check_resume(cfg, allow_changes):
+    """The settings of a resumed run against its config.json (how it started): a difference in what
+    the weights mean (config.MATH_KEYS) is a ConfigError naming each one, unless allow_changes.
+    dtype auto takes the run's. Returns every difference, for changes.jsonl (record_changes)."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        reason = (f"--resume: {path} cannot be read ({getattr(e, 'strerror', None) or e}), "
+                  f"so the settings cannot be checked")
+        if not allow_changes:
+            raise ConfigError(f"{reason}; add --allow_changes to continue anyway") from None
+        print(f"warning: {reason}; going on (--allow_changes)", file=sys.stderr)
+        return {}
+    if cfg.dtype == "auto":
+        cfg.dtype = saved.get("dtype", "auto")
+    changes = config_differences(saved, cfg, [key for key in KEYS if key != "out_dir"])
+    math_changes = [f"{key} {json.dumps(a)} -> {json.dumps(b)}" for key, (a, b) in changes.items()
+                    if key in MATH_KEYS]
+    if math_changes and not allow_changes:
+        raise ConfigError(f"--resume: {', '.join(math_changes)} differ{'s' * (len(math_changes) == 1)} from {path}; "
+                          f"add --allow_changes to continue anyway")
+    return changes
 
 
 def record_changes(out_dir, step, changes):

@@ -47,10 +47,9 @@ from tqdm import tqdm
 import data
 import fast
 import lora
-from checkpoint import (atomic_folder, load_checkpoint, read_metrics, record_changes, save_checkpoint, save_config,
-                        step_folder, write_loss_curve, write_metrics)
-from config import (KEYS, MATH_KEYS, ConfigError, check_out_folder, config_differences, fetch_model, parse_cli,
-                    resolve_hardware, script)
+from checkpoint import (atomic_folder, check_resume, load_checkpoint, read_metrics, record_changes, save_checkpoint,
+                        save_config, step_folder, write_loss_curve, write_metrics)
+from config import ConfigError, check_out_folder, fetch_model, parse_cli, resolve_hardware, script
 from loss import (distillation_loss, dpo_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy,
                   orpo_loss, sequence_logps)
 from model import check_logits_are_lm_head, generate, load_model, save_model
@@ -193,32 +192,6 @@ def setup(cfg, resume=False, allow_changes=False):
             record_changes(cfg.out_dir, run.progress["step"], changes)
         write_metrics(cfg.out_dir, read_metrics(cfg.out_dir, up_to_step=run.progress["step"], log=log))
     return run
-
-
-def check_resume(cfg, allow_changes):
-    """The settings of a resumed run against its config.json (how it started): a difference in what
-    the weights mean (config.MATH_KEYS) stops here, naming each one, unless allow_changes. dtype
-    auto takes the run's. Returns every difference, for changes.jsonl."""
-    path = os.path.join(cfg.out_dir, "config.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        reason = (f"--resume: {path} cannot be read ({getattr(e, 'strerror', None) or e}), "
-                  f"so the settings cannot be checked")
-        if not allow_changes:
-            raise ConfigError(f"{reason}; add --allow_changes to continue anyway") from None
-        print(f"warning: {reason}; going on (--allow_changes)", file=sys.stderr)
-        return {}
-    if cfg.dtype == "auto":
-        cfg.dtype = saved.get("dtype", "auto")
-    changes = config_differences(saved, cfg, [key for key in KEYS if key != "out_dir"])
-    math_changes = [f"{key} {json.dumps(a)} -> {json.dumps(b)}" for key, (a, b) in changes.items()
-                    if key in MATH_KEYS]
-    if math_changes and not allow_changes:
-        raise ConfigError(f"--resume: {', '.join(math_changes)} differ{'s' * (len(math_changes) == 1)} from {path}; "
-                          f"add --allow_changes to continue anyway")
-    return changes
 
 
 def check_objective(cfg, examples):
