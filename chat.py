@@ -13,6 +13,10 @@ it was fine-tuned on; the answer is streamed token by token and joins the histor
     /quit             leave (end of input does too)
 When the conversation no longer fits the model's context, the oldest turns are dropped.
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import sys
 
 import torch
@@ -68,7 +72,8 @@ def fit_context(messages, tokenizer, template, budget):
 @script
 def main(argv=None):
     cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {
-        "adapter": "", "temperature": 0.7, "top_k": 0, "top_p": 0.9, "max_new_tokens": 256, "system": ""})
+        "adapter": "", "temperature": 0.7, "top_k": 0, "top_p": 0.9, "max_new_tokens": 256, "system": ""},
+        ranges={"temperature": "[0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)"})
     interactive = sys.stdin.isatty()
     cfg.model = fetch_model(cfg.model)
     device, cfg.dtype = resolve_hardware(cfg, log=lambda line: print(line, file=sys.stderr))

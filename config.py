@@ -12,16 +12,21 @@ and the command line overrides any key with the type of its default:
     python train.py --config configs/demo.py --lr=1e-4 --max_steps=50 --packing=packed
 
 An unknown key or a value of the wrong type is an error that names the key (and, for a typo, the
-closest known key); nothing runs and nothing is written.
+closest known key), and so is a number out of its range (RANGES); nothing runs and nothing is
+written. A config file is Python and runs as such, like any script you run: run only files you trust.
 """
+import argparse
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import json
+import math
 import os
 import re
-import subprocess
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -101,6 +106,30 @@ CHOICES = {
 }
 
 
+# The allowed range of every numeric key, in interval notation: "[1, inf)" is >= 1, "(0, inf)" is > 0.
+RANGES = {
+    "lora_rank": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "train_layers": "[0, inf)",
+    "val_fraction": "[0, 1)", "seq_len": "[2, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)",
+    "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_steps": "[0, inf)",
+    "weight_decay": "[0, inf)", "betas": "[0, 1)", "eps": "(0, inf)", "grad_clip": "[0, inf)",
+    "neftune_alpha": "[0, inf)", "distill_weight": "[0, inf)", "dpo_beta": "(0, inf)", "orpo_lambda": "[0, inf)",
+    "log_every": "[1, inf)", "eval_every": "[0, inf)", "eval_batches": "[0, inf)", "save_every": "[1, inf)",
+    "early_stopping_patience": "[0, inf)", "seed": "[0, inf)",
+}
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+# What a resumed run must share with how it started (config.json), or the weights it goes on from
+# mean something else: the model and method, the data and how it is rendered and batched, the
+# optimizer and its schedule, the objective, seed and dtype. Not in it: device, kernels,
+# grad_checkpointing and compile (the same math up to float rounding), logging, evaluation, saving,
+# early stopping and the export (merge), which change what is written, never the weights.
+MATH_KEYS = ("model", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "train_layers",
+             "train_head", "train_data", "data_weights", "val_data", "val_fraction", "data_format", "template",
+             "train_on", "seq_len", "truncation", "packing", "batch_size", "grad_accum", "max_steps", "epochs",
+             "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "eps", "grad_clip", "neftune_alpha",
+             "distill_weight", "distill_on", "objective", "dpo_beta", "orpo_lambda", "dtype", "seed")
+
+
 # Exit codes, the same in every script
 EXIT_OK, EXIT_NON_FINITE, EXIT_USER_ERROR, EXIT_INTERRUPT = 0, 1, 2, 130
 
@@ -162,7 +191,8 @@ def coerce(key, value, where):
 def read_config_file(path):
     """Run a config file and return its plain assignments as a dict."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: is a directory, not a config file" if os.path.isdir(path) else
+                          f"{path}: config file not found")
     scope = {}
     try:
         with open(path) as f:
@@ -173,6 +203,19 @@ def read_config_file(path):
         raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in scope.items()
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+
+
+def check_range(key, value, interval=None):
+    """ConfigError unless the number (each number of a tuple or list) lies in the interval, RANGES[key]
+    by default ("[0, 1)": 0 <= x < 1); NaN never does."""
+    interval = interval or RANGES[key]
+    low, high = (float(end) for end in interval[1:-1].split(", "))
+    for x in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) or \
+                not (low < x < high or x == low and interval[0] == "[" or x == high and interval[-1] == "]"):
+            allowed = f"in {interval}" if high < math.inf else (">= " if interval[0] == "[" else "> ") + f"{low:g}"
+            each = " (each of them)" if isinstance(value, (tuple, list)) else ""
+            raise ConfigError(f"{key} = {value!r} should be {allowed}{each}")
 
 
 def load_config(path=None, overrides=()):
@@ -193,15 +236,33 @@ def load_config(path=None, overrides=()):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key} = {getattr(cfg, key)!r} should be one of {', '.join(allowed)}")
+    for key in RANGES:
+        check_range(key, getattr(cfg, key))
+    if len(cfg.betas) != 2:
+        raise ConfigError(f"betas = {cfg.betas!r} should be two numbers (beta1, beta2)")
+    check_range("data_weights", cfg.data_weights, "[0, inf)")
+    if cfg.data_weights and not sum(cfg.data_weights) > 0:
+        raise ConfigError(f"data_weights = {cfg.data_weights!r}: at least one weight should be > 0")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device = {cfg.device!r} should be auto, cpu, cuda or cuda:N")
     return cfg
 
 
-def split_cli(argv, flags=None):
+def config_differences(saved, cfg, keys=MATH_KEYS):
+    """{key: (saved value, cfg's value)} where cfg differs from a saved config.json (a dict); a key
+    the saved config lacks (written by an older version) counts as its default."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as the saved JSON has them
+    was = {key: saved.get(key, json.loads(json.dumps(default_of(key)))) for key in keys}
+    return {key: (was[key], now[key]) for key in keys if was[key] != now[key]}
+
+
+def split_cli(argv, flags=None, ranges=None):
     """Split argv into (config path, ["--key=value" overrides], the script's own flags).
 
     `flags` maps a script flag to its default (`{"resume": False, "show": 0}`): a bool flag is
     a switch (`--resume`), any other takes a value (`--show 3` or `--show=3`). Everything else
-    must be `--config FILE` or a config override (`--key=value` or `--key value`).
+    must be `--config FILE` or a config override (`--key=value` or `--key value`). `ranges` maps
+    numeric flags to their allowed interval, as RANGES does for config keys: {"show": "[0, inf)"}.
     """
     flags = dict(flags or {})
     path, overrides, args = None, [], list(argv)
@@ -231,34 +292,82 @@ def split_cli(argv, flags=None):
             overrides.append(f"--{name}={args.pop(0)}")  # --lr 1e-4
         else:
             overrides.append(arg)
+    for name, interval in (ranges or {}).items():
+        check_range(f"--{name}", flags[name], interval)
     return path, overrides, flags
 
 
-def parse_cli(argv, flags=None):
+def parse_cli(argv, flags=None, ranges=None):
     """-> (Config, the script's own flags): split_cli, then the config file with the overrides."""
-    path, overrides, flags = split_cli(argv, flags)
+    path, overrides, flags = split_cli(argv, flags, ranges)
     return load_config(path, overrides), flags
 
 
-def save_config(cfg, path):
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+def check_out_folder(folder, key="out_dir"):
+    """ConfigError unless `folder` is, or can be made, a writable folder: checked before anything is
+    loaded, and without creating it (a refused run writes nothing)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key} = {folder!r}: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} = {folder!r}: {path} is not writable")
+
+
+def describe_os_error(e):
+    """One line naming the path: 'runs/x/ckpt: No space left on device'."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{where}: {e.strerror}" if where and e.strerror else str(e) or type(e).__name__
+
+
+@contextlib.contextmanager
+def naming(path):
+    """An OSError inside the block that names no file (a write to a full disk) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
+
+
+def quiet_ctrl_c(name):
+    """Call it first thing in a script, with __name__: Ctrl-C while the slow imports load (torch takes
+    seconds) exits with 130 and no traceback. script() gives main() Python's KeyboardInterrupt back."""
+    if name == "__main__":
+        signal.signal(signal.SIGINT, lambda *a: (print("interrupted", file=sys.stderr), sys.exit(EXIT_INTERRUPT)))
 
 
 def script(main):
     """Decorator for a script's main(): its return value is the exit code (None: 0); a UserError
-    becomes one line on stderr and exit code 2; Ctrl-C exits with 130."""
+    becomes one line on stderr and exit code 2, and so does an OSError (disk full, permission
+    denied, ...), naming its path; Ctrl-C exits with 130."""
     @functools.wraps(main)
     def wrapped(*a, **kw):
         try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             return main(*a, **kw)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except BrokenPipeError:  # the reader stopped reading (| head): not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_OK)
+        except OSError as e:
+            print(f"error: {describe_os_error(e)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(EXIT_INTERRUPT)
     return wrapped
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the tools, its mistakes one line like every script's: `error: ...`, exit 2 (script)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -267,22 +376,37 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def fetch_model(name, models_dir="models"):
     """The folder of a config's `model`. A folder is used as it is. A Hugging Face Hub id ORG/NAME
     means models_dir/NAME, and an absent models_dir/NAME is filled first by tools/get_model.py
-    (from the Hub, or offline for the models it can build: SmolLM2-135M-Instruct, tiny)."""
-    if os.path.isdir(name):
-        return name
+    (from the Hub, or offline for the models it can build: SmolLM2-135M-Instruct, tiny). Anything
+    else (a file, a path to nothing) is a ConfigError saying which."""
+    get_model = load_tool("get_model")
     parent, short = os.path.split(os.path.normpath(name))
-    if os.path.basename(parent) == models_dir:  # models/NAME: a name get_model may know (tiny, ...)
-        source, folder = short, name
-    elif HUB_ID.fullmatch(name):
+    if os.path.basename(parent) == models_dir and short in {"tiny", *get_model.SHORT_NAMES}:
+        source, folder = short, name  # models/NAME of a model get_model knows (tiny, ...)
+    elif os.path.isdir(name):
+        return name
+    elif os.path.exists(name):
+        raise ConfigError(f"model = {name!r}: is a file; give a model folder (or a Hub id ORG/NAME)")
+    elif HUB_ID.fullmatch(name) and not name.startswith((".", models_dir + "/")):
         source, folder = name, os.path.join(models_dir, name.split("/")[-1])
     else:
         raise ConfigError(f"model = {name!r}: no such folder (give a model folder or a Hub id ORG/NAME)")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         print(f"{folder} is absent: python tools/get_model.py {source} --out {folder}", file=sys.stderr)
-        tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "get_model.py")
-        if subprocess.run([sys.executable, tool, source, "--out", folder]).returncode != 0:
-            raise ConfigError(f"model = {name!r}: {folder} is absent and could not be fetched (see above)")
+        try:
+            get_model.get_model(source, folder)
+        except (get_model.DownloadError, ValueError, OSError) as e:
+            raise ConfigError(f"model = {name!r}: {folder} is absent and could not be fetched: {e}") from None
     return folder
+
+
+def load_tool(name):
+    """A module of tools/ (tools/NAME.py), imported by its path: tools/ is not a package."""
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(tools, f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def resolve_hardware(cfg, log=print):
@@ -296,6 +420,9 @@ def resolve_hardware(cfg, log=print):
     import time
     import torch
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device = {cfg.device!r}: " + (f"this machine has {torch.cuda.device_count()} CUDA devices"
+                          if torch.cuda.is_available() else "no CUDA device here") + "; use device = 'cpu' or 'auto'")
     if cfg.dtype != "auto":
         return device, cfg.dtype
     if device.type == "cuda":

@@ -3,12 +3,12 @@
     python data.py --config configs/x.py --show 3               # 3 rendered examples + statistics
     python data.py --data data/examples/alpaca.jsonl --model models/SmolLM2-135M-Instruct --show 2
 
-1. Loading. JSONL files, or JSON files holding a list of records, in five formats, detected per file
-   from the keys of its first record or set with data_format: alpaca {instruction, input?, output},
-   messages {messages: [{role, content}]}, sharegpt {conversations: [{from, value}]}, prompt_completion
-   {prompt, completion} and text {text} (continued pre-training). Each becomes a list of {"role",
-   "content"} messages (alpaca and prompt/completion: user + assistant; text: one assistant message,
-   rendered with the plain template).
+1. Loading. JSONL files, or JSON files holding a list of records (or one record), in five formats,
+   detected per file from the keys of its first record or set with data_format: alpaca {instruction,
+   input?, output}, messages {messages: [{role, content}]}, sharegpt {conversations: [{from, value}]},
+   prompt_completion {prompt, completion} and text {text} (continued pre-training). Each becomes a list
+   of {"role", "content"} messages (alpaca and prompt/completion: user + assistant; text: one assistant
+   message, rendered with the plain template).
 2. Datasets. A validation split by fraction with a fixed seed (or a validation file), a weighted
    mixture of several files, rendering with templates.py (exact masks), truncation to seq_len.
 3. Batches. A deterministic plan of example indices per (seed, epoch): batches of similar lengths, or
@@ -19,6 +19,10 @@ Bad input (a malformed line, a missing field, an unknown role, a non-string cont
 example with no trained token left) stops with "file:line: reason", or with on_bad_data="skip" is
 skipped and counted in DataStats. Nothing is dropped without being counted.
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import bisect
 import json
 import os
@@ -76,7 +80,11 @@ class DataStats:
 
 
 def read_records(path, on_bad, stats):
-    """[(line number, parsed JSON value)] of a JSONL file, or of a JSON file holding a list."""
+    """[(line number, parsed JSON value)] of a data file: JSONL (one record per line), or JSON that is
+    one value over any number of lines: a list of records, or one record. Text after that value is
+    an error per line (with on_bad = "skip", each line is skipped and counted), never ignored."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:
@@ -86,8 +94,43 @@ def read_records(path, on_bad, stats):
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
-    if text.lstrip().startswith("["):  # a JSON list of records; one broken item breaks the whole file
-        return json_list_items(text, path)
+    start = WHITESPACE.match(text).end()
+    if text.startswith("[", start):  # a JSON list of records; one broken item breaks the whole file
+        records, end = json_list_items(text, path, start)
+    elif (one := one_json_record(text, start)) is not None:
+        records, end = one
+    else:
+        return jsonl_records(text, path, on_bad, stats)
+    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
+    for number, line in enumerate(text[end:].split("\n"), start=line_of(end)):
+        if line.strip():
+            error = DataError(f"{path}:{number}: text after the JSON value that ends on line {line_of(end)} (a JSON "
+                              f"file is one list of records, or one record; JSONL has one record per line)",
+                              "text after the JSON value")
+            if on_bad == "stop":
+                raise error
+            stats.skip(error)
+    return records
+
+
+def one_json_record(text, start):
+    """([(line, record)], the position after it) when the text starts with one JSON object spread over
+    several lines (its first line is no JSON value by itself, as each line of JSONL is), else None."""
+    first_line = text[start:].split("\n", 1)[0]
+    try:
+        json.loads(first_line)
+        return None
+    except json.JSONDecodeError:
+        pass
+    try:
+        record, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        return None  # read as JSONL, which names the first malformed line
+    return ([(text.count("\n", 0, start) + 1, record)], end) if isinstance(record, dict) else None
+
+
+def jsonl_records(text, path, on_bad, stats):
+    """[(line number, parsed JSON value)] of JSONL text; a malformed line stops, or is skipped and counted."""
     records = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
@@ -102,14 +145,14 @@ def read_records(path, on_bad, stats):
     return records
 
 
-def json_list_items(text, path):
-    """The items of a JSON list, each with the line it starts on (for error messages)."""
+def json_list_items(text, path, start):
+    """(the items of the JSON list at `start`, each with the line it starts on; the position after it)."""
     decoder, items, line, last = json.JSONDecoder(), [], 1, 0
-    pos = text.index("[") + 1
+    pos = start + 1
     while True:
         pos = WHITESPACE.match(text, pos).end()
         if text.startswith("]", pos):
-            return items
+            return items, pos + 1
         line, last = line + text.count("\n", last, pos), pos
         try:
             item, pos = decoder.raw_decode(text, pos)
@@ -336,7 +379,8 @@ def check_data_files(cfg):
     for key, paths in [("train_data", files), ("val_data", [cfg.val_data] if cfg.val_data else [])]:
         for path in paths:
             if not os.path.isfile(path):
-                raise ConfigError(f"{key}: {path}: file not found")
+                raise ConfigError(f"{key}: {path}: " + ("is a directory, not a data file" if os.path.isdir(path)
+                                                        else "file not found"))
     return files
 
 
@@ -523,7 +567,7 @@ def show(examples, tokenizer, n, color=None, file=None):
 
 @script
 def main(argv=None):
-    cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {"show": 3, "data": ""})
+    cfg, flags = parse_cli(sys.argv[1:] if argv is None else argv, {"show": 3, "data": ""}, {"show": "[0, inf)"})
     if flags["data"]:  # a quick look at one file: all of it, no validation split
         cfg.train_data, cfg.data_weights, cfg.val_data, cfg.val_fraction = [flags["data"]], [], "", 0.0
     from tokenizer import load_tokenizer

@@ -35,6 +35,10 @@ chosen answer more likely, and for the fine-tuned model DPO's reward accuracy an
 object: the fine-tuned model's metrics (the base's when there is none), forgetting_ppl_base and
 forgetting_ppl_tuned, and every metric of both models under "base" and "tuned".
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import hashlib
 import json
 import math
@@ -50,9 +54,9 @@ from tqdm import tqdm
 import data
 import fast
 import lora
-from config import ConfigError, UserError, fetch_model, parse_cli, resolve_hardware, script
+from config import ConfigError, UserError, check_out_folder, fetch_model, parse_cli, resolve_hardware, script
 from loss import fused_cross_entropy, masked_cross_entropy, sequence_logps
-from model import check_logits_are_lm_head, generate, load_model
+from model import check_logits_are_lm_head, generate, load_model, read_config
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -487,10 +491,16 @@ def main(argv=None):
         "adapter": "", "model": "", "test_data": "", "limit": 0, "json": False, "out": "", "show": 10,
         "mc_data": os.path.join(ROOT, "data", "eval", "mc.jsonl"), "max_new_tokens": 0,
         "general_text": os.path.join(ROOT, "data", "eval", "general.txt"), "eval_batch_size": 16,
-        "base_cache": "", "pref_data": ""})
+        "base_cache": "", "pref_data": ""},
+        ranges={"limit": "[0, inf)", "show": "[0, inf)", "max_new_tokens": "[0, inf)", "eval_batch_size": "[1, inf)"})
     if flags["adapter"] and flags["model"]:
         raise ConfigError("give --adapter (LoRA on the config's model) or --model (a model folder), not both")
     cfg.model = fetch_model(cfg.model)
+    tuned_name = flags["adapter"] or flags["model"]
+    folder = flags["out"] or (os.path.dirname(os.path.abspath(tuned_name)) if tuned_name else cfg.out_dir)
+    check_out_folder(folder, "--out")
+    if flags["base_cache"]:
+        check_out_folder(flags["base_cache"], "--base_cache")
     device, cfg.dtype = resolve_hardware(cfg)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -498,28 +508,34 @@ def main(argv=None):
         sets = read_sets(cfg, flags)
         tokenizer = load_tokenizer(cfg.model)
         model = with_kernels(load_model(cfg.model, dtype=dtype, device=device), cfg, device)
-        base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
+        # What is evaluated after the base must be readable, and fit, before the base's evaluation
+        # (minutes) is spent: an adapter of another base model stops here.
+        if flags["adapter"]:
+            lora.read_adapter(model, flags["adapter"])
+        elif flags["model"]:
+            read_config(flags["model"])
+            load_tokenizer(flags["model"])
         pref = flags["pref_data"]  # held-out preference pairs: how often the chosen answer wins
-        base_pairs = pair_logps(model, tokenizer, preference_pairs(cfg, tokenizer, pref, flags["limit"]),
-                                flags["eval_batch_size"]) if pref else None
+        pairs = preference_pairs(cfg, tokenizer, pref, flags["limit"]) if pref else None
+        base, base_answers = evaluate_base(model, tokenizer, cfg, sets, flags)
+        base_pairs = pair_logps(model, tokenizer, pairs, flags["eval_batch_size"]) if pref else None
         base.update(preference_metrics(base_pairs) if pref else {})
-        tuned, tuned_answers, tuned_name = None, [], flags["adapter"] or flags["model"]
+        tuned, tuned_answers = None, []
         if flags["adapter"]:  # the same base weights with the LoRA layers added in place
             model = with_kernels(lora.load_adapter(model, flags["adapter"]), cfg, device)
         elif flags["model"]:
             del model
             tokenizer = load_tokenizer(flags["model"])
             model = with_kernels(load_model(flags["model"], dtype=dtype, device=device), cfg, device)
+            pairs = preference_pairs(cfg, tokenizer, pref, flags["limit"]) if pref else None
         if tuned_name:
             tuned, tuned_answers = evaluate(model, tokenizer, cfg, sets, flags, "fine-tuned")
             if pref:
-                pairs = pair_logps(model, tokenizer, preference_pairs(cfg, tokenizer, pref, flags["limit"]),
-                                   flags["eval_batch_size"])
-                tuned.update(preference_metrics(pairs, base_pairs, cfg.dpo_beta))
-    except (OSError, ValueError) as e:  # a file that cannot be read, an adapter that does not fit
+                tuned_pairs = pair_logps(model, tokenizer, pairs, flags["eval_batch_size"])
+                tuned.update(preference_metrics(tuned_pairs, base_pairs, cfg.dpo_beta))
+    except ValueError as e:  # a file that does not parse, an adapter that does not fit (OSError: script())
         raise UserError(str(e)) from None
 
-    folder = flags["out"] or (os.path.dirname(os.path.abspath(tuned_name)) if tuned_name else cfg.out_dir)
     report = os.path.join(folder, "eval.md" if tuned else "eval_base.md")
     write_report(report, " ".join(["python eval.py"] + argv), cfg, flags, sets, base, tuned, base_answers, tuned_answers, tuned_name)
     result = dict(tuned or base)

@@ -320,14 +320,11 @@ def save_adapter(model, folder, base_model_path=None):
     return folder
 
 
-def load_adapter(model, folder, quantize_base=False):
-    """Load a PEFT LoRA folder (ours or PEFT's) into the model; return the model.
-
-    The adapted modules are read off the tensor names, so any target_modules form works. A model
-    without LoRA layers gets them (NF4 bases if quantize_base); one that has them must have
-    exactly these, with the same rank and scaling. For a gemma3 model (the text part of a multimodal
-    one) an adapter's vision tower tensors are left out, with a line on stderr.
-    """
+def read_adapter(model, folder):
+    """(adapter_config.json as a dict, {our module name: {"lora_A": A, "lora_B": B}}) of a PEFT LoRA
+    folder, checked against the model without changing it: every adapted module must be a linear
+    layer of the model with the adapter's in and out sizes, so an adapter of another base model
+    fails here (ValueError naming the layer) before any work is done with it."""
     from safetensors.torch import load_file
     config_file = os.path.join(folder, "adapter_config.json")
     weights_file = os.path.join(folder, "adapter_model.safetensors")
@@ -359,6 +356,33 @@ def load_adapter(model, folder, quantize_base=False):
     if vision:
         print(f"{weights_file}: {vision} vision tower tensors left out (the text model has no vision tower)",
               file=sys.stderr)
+    modules = dict(model.named_modules())
+    for name, pair in pairs.items():
+        for part in ("lora_A", "lora_B"):
+            if part not in pair:
+                raise ValueError(f"{weights_file}: {name} has no {part}.weight")
+        layer = getattr(modules.get(name), "base_layer", modules.get(name))  # under a LoRA layer: its base
+        sizes = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
+        if (tuple(pair["lora_A"].shape), tuple(pair["lora_B"].shape)) != ((r, sizes[0]), (sizes[1], r)):
+            here = f"a linear layer of {sizes[0]} -> {sizes[1]}" if sizes[0] else "not a linear layer"
+            raise ValueError(f"{weights_file}: does not fit this model: {name} is {here} here, the adapter's "
+                             f"A and B are {tuple(pair['lora_A'].shape)} and {tuple(pair['lora_B'].shape)} "
+                             f"(trained on {config.get('base_model_name_or_path')}?)")
+    return config, pairs
+
+
+def load_adapter(model, folder, quantize_base=False):
+    """Load a PEFT LoRA folder (ours or PEFT's) into the model; return the model.
+
+    The adapted modules are read off the tensor names, so any target_modules form works. A model
+    without LoRA layers gets them (NF4 bases if quantize_base); one that has them must have
+    exactly these, with the same rank and scaling. For a gemma3 model (the text part of a multimodal
+    one) an adapter's vision tower tensors are left out, with a line on stderr.
+    """
+    config, pairs = read_adapter(model, folder)
+    config_file = os.path.join(folder, "adapter_config.json")
+    weights_file = os.path.join(folder, "adapter_model.safetensors")
+    r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
     if not lora_layers(model):
         apply_lora(model, r, alpha, config.get("lora_dropout", 0.0), list(pairs), rslora, quantize_base)
     layers = lora_layers(model)

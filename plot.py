@@ -4,6 +4,9 @@
                     title="loss", xlabel="step", ylabel="loss")
 """
 import math
+from xml.sax.saxutils import escape
+
+from config import naming
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -20,7 +23,9 @@ def nice_ticks(lo, hi, n=5):
 
 
 def write_svg_chart(path, series, title="", xlabel="", ylabel="", width=640, height=400):
-    """series: {name: [(x, y), ...]}; points with a non-finite y are left out."""
+    """series: {name: [(x, y), ...]}; points with a non-finite y are left out. Text is escaped (an
+    out_dir in a title may hold & or <, which would make the file invalid XML)."""
+    title, xlabel, ylabel = escape(title), escape(xlabel), escape(ylabel)
     series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}
     points = [p for v in series.values() for p in v]
     left, right, top, bottom = 60, 20, 30, 45
@@ -46,12 +51,12 @@ def write_svg_chart(path, series, title="", xlabel="", ylabel="", width=640, hei
             if len(pts) == 1:
                 out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{colour}"/>')
             out.append(f'<text x="{width - right - 5}" y="{top + 15 * (i + 1)}" text-anchor="end" '
-                       f'fill="{colour}">{name}</text>')
+                       f'fill="{colour}">{escape(str(name))}</text>')
     out.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" stroke="black"/>')
     out.append(f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" stroke="black"/>')
     out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">{xlabel}</text>')
     out.append(f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {(top + height - bottom) / 2})">{ylabel}</text>')
     out.append("</svg>")
-    with open(path, "w") as f:
+    with naming(path), open(path, "w") as f:
         f.write("\n".join(out) + "\n")

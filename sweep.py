@@ -20,6 +20,10 @@ validation curve). Validation loss is the thing to compare: training loss reward
 Grid syntax: space-separated KEY=V1,V2,... with the types of config.py (a value that holds a comma,
 like a tuple, goes in brackets: "betas=(0.9,0.95),(0.9,0.999)").
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import datetime
 import itertools
 import json
@@ -31,7 +35,9 @@ import sys
 import time
 
 import data
-from config import EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, load_config, script, split_cli, unknown_key_error
+from checkpoint import read_metrics, write_atomic
+from config import (EXIT_NON_FINITE, EXIT_OK, KEYS, ConfigError, UserError, check_out_folder, fetch_model, load_config,
+                    script, split_cli, unknown_key_error)
 from plot import write_svg_chart
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -120,8 +126,7 @@ def run_train(config, overrides, out_dir, log=print):
     checkpoint is resumed. Returns None when the run was interrupted (Ctrl-C): run again to resume."""
     record_path = os.path.join(out_dir, "run.json")
     if os.path.exists(record_path):
-        with open(record_path) as f:
-            return dict(json.load(f), skipped=True)
+        return dict(read_record(record_path), skipped=True)
     resume = os.path.exists(os.path.join(out_dir, "ckpt", "latest"))
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, *overrides,
                f"--out_dir={out_dir}"] + (["--resume"] if resume else [])
@@ -148,8 +153,7 @@ def run_train(config, overrides, out_dir, log=print):
                   command=" ".join(["python", "train.py"] + command[2:]),
                   error=next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
                   if status == "failed" else "")
-    with open(record_path, "w") as f:
-        json.dump(record, f, indent=2)
+    write_atomic(record_path, json.dumps(record, indent=2))
     return record
 
 
@@ -165,14 +169,20 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_record(path):
+    """A run's run.json (written whole by run_train: damaged only from outside)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it to run that point again") from None
+
+
 def summarize_run(out_dir):
     """The numbers of one run folder: best and final validation loss (and the step of the best),
     final training loss, median tokens/s (step 1, the warm-up, left out), peak RSS, wall time, status."""
-    metrics = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
-    record = {}
-    if os.path.exists(os.path.join(out_dir, "run.json")):
-        with open(os.path.join(out_dir, "run.json")) as f:
-            record = json.load(f)
+    metrics = read_metrics(out_dir)  # a half-written last line (a killed run) is dropped with a warning
+    record = read_record(os.path.join(out_dir, "run.json")) if os.path.exists(os.path.join(out_dir, "run.json")) else {}
     vals = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
     speeds = [m["tokens_per_s"] for m in metrics if m["step"] > 1] or [m["tokens_per_s"] for m in metrics]
@@ -219,16 +229,16 @@ def write_results(sweep_dir, command, axes, names):
         if os.path.exists(os.path.join(folder, "metrics.jsonl")):
             rows.append(dict(summarize_run(folder), name=name, point=dict(point)))
     rows = by_val_loss(rows)
-    with open(os.path.join(sweep_dir, "results.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows], f, indent=2)
+    write_atomic(os.path.join(sweep_dir, "results.json"),
+                 json.dumps([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows], indent=2))
     write_svg_chart(os.path.join(sweep_dir, "val_loss.svg"),
                     {r["name"]: r["val_curve"] for r in rows}, title=f"validation loss: {sweep_dir}",
                     xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
     table = results_table(rows, keys)
-    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-        f.write(f"# Sweep: {sweep_dir}\n\nCommand: `{command}`\n\n"
-                f"Updated {datetime.datetime.now():%Y-%m-%d %H:%M}; {len(rows)} of {len(names)} runs have "
-                f"results. Sorted by best validation loss. Curves: val_loss.svg\n\n{table}\n")
+    write_atomic(os.path.join(sweep_dir, "results.md"),
+                 f"# Sweep: {sweep_dir}\n\nCommand: `{command}`\n\n"
+                 f"Updated {datetime.datetime.now():%Y-%m-%d %H:%M}; {len(rows)} of {len(names)} runs have "
+                 f"results. Sorted by best validation loss. Curves: val_loss.svg\n\n{table}\n")
     return table
 
 
@@ -237,7 +247,7 @@ def write_results(sweep_dir, command, axes, names):
 
 def parse_args(argv):
     """-> (config path, grid string, limit_runs, [--key=value overrides for every run])."""
-    config, overrides, flags = split_cli(argv, {"grid": "", "limit_runs": 0})
+    config, overrides, flags = split_cli(argv, {"grid": "", "limit_runs": 0}, {"limit_runs": "[0, inf)"})
     if not config or not flags["grid"]:
         raise ConfigError("usage: python sweep.py --config FILE --grid \"key=v1,v2 key2=v3,v4\" [--key=value ...]")
     return config, flags["grid"], flags["limit_runs"], overrides
@@ -250,12 +260,14 @@ def main(argv=None):
     axes = parse_grid(grid)
     points = grid_points(axes)
     sweep_dir = load_config(config, overrides).out_dir
+    check_out_folder(sweep_dir)
     names = [(run_name(p), p) for p in points]
     if len({n for n, _ in names}) != len(names):
         raise ConfigError("--grid: two grid points give the same folder name; use distinct values")
     for name, point in names:  # every point must be a valid config before anything runs
         cfg = load_config(config, overrides + [f"{key}={value}" for key, value in point])
         data.check_data_files(cfg)
+        fetch_model(cfg.model)  # as train.py would first: a missing model fails here, not in every run
     command = " ".join(["python sweep.py"] + [f'"{a}"' if " " in a else a for a in argv])
     print(f"sweep: {len(points)} runs in {sweep_dir}" + (f" (running the first {limit})" if limit else ""))
     overrides = [o for o in overrides if not o.startswith("--out_dir=")]  # each run gets its own

@@ -1,13 +1,14 @@
 """Supervised fine-tuning, every step in sight.
 
-    python train.py --config configs/demo.py [--key=value ...] [--resume] [--stop_after=N]
+    python train.py --config configs/demo.py [--key=value ...] [--resume [--allow_changes]] [--stop_after=N]
     torchrun --nproc_per_node=2 train.py --config configs/demo.py        # data parallel
 
 The path from a config file to trained weights, in the order this file runs it:
 
     main()         setup -> fit -> finish
     setup()        the config's data, the model with its method (lora.prepare_model) and kernels
-                   (fast.accelerate), AdamW's state; with --resume, all of it as the checkpoint left it
+                   (fast.accelerate), AdamW's state; with --resume, all of it as the checkpoint left it,
+                   after checking that the settings that change the math are those the run started with
     fit()          one train_step() per optimizer step; validate() every eval_every steps; checkpoints
     train_step()   grad_accum micro-batches (per rank), each:
                        step_loss() -> a sum over its trained tokens
@@ -23,6 +24,10 @@ The run folder (out_dir) gets: config.json, metrics.jsonl, loss.svg, ckpt/ (resu
 best/ (the weights with the lowest validation loss), and at the end adapter/ (LoRA, QLoRA:
 a PEFT folder) or model/ (other methods: an HF folder), plus merged/ when merge = True.
 """
+from config import quiet_ctrl_c
+
+quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
+
 import enum
 import json
 import math
@@ -42,8 +47,9 @@ from tqdm import tqdm
 import data
 import fast
 import lora
-from checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_loss_curve, write_metrics
-from config import ConfigError, fetch_model, parse_cli, resolve_hardware, save_config, script
+from checkpoint import (atomic_folder, check_resume, load_checkpoint, read_metrics, record_changes, save_checkpoint,
+                        save_config, step_folder, write_loss_curve, write_metrics)
+from config import ConfigError, check_out_folder, fetch_model, parse_cli, resolve_hardware, script
 from loss import (distillation_loss, dpo_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy,
                   orpo_loss, sequence_logps)
 from model import check_logits_are_lm_head, generate, load_model, save_model
@@ -130,6 +136,7 @@ class Run:
     total_steps: int = 0
     val_batches: list = None
     samples: list = None
+    last_ckpt: str = None  # the step folder saved or resumed from last: the next save keeps it
 
     @property
     def is_main(self):
@@ -137,21 +144,26 @@ class Run:
 
     def save(self):
         if self.is_main:
-            save_checkpoint(self.ckpt_dir, dict(zip(self.names, self.params)), self.opt_state, self.progress)
+            self.last_ckpt = save_checkpoint(self.ckpt_dir, dict(zip(self.names, self.params)), self.opt_state,
+                                             self.progress, keep=self.last_ckpt)
 
 
-def setup(cfg, resume=False):
+def setup(cfg, resume=False, allow_changes=False):
     """The data, the model and the optimizer state; with resume, all as the latest checkpoint left
     them. A mistake in the config, data or model stops here, before anything is written."""
     data.check_data_files(cfg)
+    check_out_folder(cfg.out_dir)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     if os.path.exists(os.path.join(ckpt_dir, "latest")) != resume:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}" if resume else
                           f"{cfg.out_dir} holds a checkpoint: add --resume, or choose another out_dir")
+    if allow_changes and not resume:
+        raise ConfigError("--allow_changes goes with --resume")
     cfg.model = fetch_model(cfg.model)  # a Hub id becomes models/NAME, downloaded if absent
+    changes = check_resume(cfg, allow_changes) if resume else {}
     rank, world = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
-    device = setup_hardware(cfg, resume, world, log)
+    device = setup_hardware(cfg, world, log)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, stats = data.load_datasets(cfg, tokenizer, log=log)
@@ -174,8 +186,11 @@ def setup(cfg, resume=False):
         restore_checkpoint(run)
     if run.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
-        write_metrics(cfg.out_dir, read_metrics(cfg.out_dir, up_to_step=run.progress["step"]))
+        if not resume:  # config.json says how the run started; a resume records its changes apart
+            save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+        elif changes:
+            record_changes(cfg.out_dir, run.progress["step"], changes)
+        write_metrics(cfg.out_dir, read_metrics(cfg.out_dir, up_to_step=run.progress["step"], log=log))
     return run
 
 
@@ -191,12 +206,9 @@ def check_objective(cfg, examples):
                           f"{source} is not a preference record")
 
 
-def setup_hardware(cfg, resume, world, log):
-    """The device; cfg.dtype "auto" resolved (a resumed run keeps the dtype it started with, and
-    every rank takes rank 0's choice)."""
-    if resume and cfg.dtype == "auto":
-        with open(os.path.join(cfg.out_dir, "config.json")) as f:
-            cfg.dtype = json.load(f)["dtype"]
+def setup_hardware(cfg, world, log):
+    """The device; cfg.dtype "auto" resolved (a resumed run keeps the dtype it started with: see
+    check_resume; every rank takes rank 0's choice)."""
     device, cfg.dtype = resolve_hardware(cfg, log)
     if world > 1:
         choice = [cfg.dtype]
@@ -218,9 +230,12 @@ def build_model(cfg, device):
     model = load_model(cfg.model, dtype=torch.bfloat16 if bf16 and cfg.method != "full" else torch.float32,
                        device=device)
     check_logits_are_lm_head(model)
-    lora.prepare_model(model, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
-                       rslora=cfg.rslora, train_layers=cfg.train_layers, train_head=cfg.train_head)
+    try:
+        lora.prepare_model(model, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                           lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
+                           rslora=cfg.rslora, train_layers=cfg.train_layers, train_head=cfg.train_head)
+    except ValueError as e:  # a setting this model does not have: a LoRA target, train_layers, ...
+        raise ConfigError(str(e)) from None
     model.to(device)
     for p in model.parameters():
         if p.requires_grad:
@@ -286,7 +301,15 @@ def plan_training(run):
 def restore_checkpoint(run):
     """Weights, optimizer moments, schedule and data position, RNG: all of it, so the run goes on
     exactly as if it had never stopped."""
-    weights, opt_state, run.progress, rng = load_checkpoint(run.ckpt_dir)
+    weights, opt_state, run.progress, rng = load_checkpoint(run.ckpt_dir, run.log)
+    run.last_ckpt = step_folder(run.progress["step"])
+    ours = {n: tuple(p.shape) for n, p in zip(run.names, run.params)}
+    saved = {n: tuple(t.shape) for n, t in weights.items()}
+    if ours != saved:  # method, lora_rank or lora_targets changed with --allow_changes
+        name = (sorted(ours.keys() ^ saved.keys()) or sorted(n for n in ours if ours[n] != saved[n]))[0]
+        raise ConfigError(f"--resume: the checkpoint's {len(saved)} tensors do not fit the {len(ours)} this run trains "
+                          f"({name}: {saved.get(name, 'absent')} in {run.ckpt_dir}, {ours.get(name, 'absent')} here); "
+                          f"method, lora_rank and lora_targets must be those the run started with")
     with torch.no_grad():
         for n, p in zip(run.names, run.params):
             p.copy_(weights[n])
@@ -382,11 +405,13 @@ def add_neftune_noise(model, alpha):
 
 
 def export(model, cfg, folder):
-    """The weights as users load them: a PEFT adapter folder (lora, qlora) or an HF folder."""
-    if cfg.method in ("lora", "qlora"):
-        lora.save_adapter(model, folder, base_model_path=os.path.abspath(cfg.model))
-    else:
-        save_model(model, folder, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    """The weights as users load them: a PEFT adapter folder (lora, qlora) or an HF folder, written
+    under a temporary name and renamed (a kill mid-export leaves no truncated file in `folder`)."""
+    with atomic_folder(folder) as tmp:
+        if cfg.method in ("lora", "qlora"):
+            lora.save_adapter(model, tmp, base_model_path=os.path.abspath(cfg.model))
+        else:
+            save_model(model, tmp, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,30 +561,30 @@ def fit(run, stop_after=0):
     cfg, progress = run.cfg, run.progress
     interrupted = []
     signal.signal(signal.SIGINT, lambda *a: sys.exit(130) if interrupted else interrupted.append(1))
-    bar = tqdm(total=run.total_steps, initial=progress["step"], disable=not run.is_main, desc="train")
     stop, steps_run = Stop.DONE if progress["step"] >= run.total_steps else None, 0
-    while stop is None:
-        record = train_step(run, next_step_rows(run))
-        if record is None:
-            stop = Stop.NON_FINITE
-            break
-        steps_run += 1
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        done = progress["step"] == run.total_steps
-        if run.val_batches and (done or (cfg.eval_every and progress["step"] % cfg.eval_every == 0)):
-            evaluate_and_keep_best(run, record)
-        elif run.is_main and (progress["step"] % cfg.log_every == 0 or done):
-            write_metrics(cfg.out_dir, [record], mode="a")
-        patience = cfg.early_stopping_patience
-        stop = (Stop.DONE if done else
-                Stop.EARLY_STOP if patience and progress["evals_since_best"] >= patience else
-                Stop.INTERRUPT if interrupted else
-                Stop.STOP_AFTER if steps_run == stop_after else None)
-        if stop or progress["step"] % cfg.save_every == 0:
-            run.save()
-    bar.close()
+    bar = tqdm(total=run.total_steps, initial=progress["step"], disable=not run.is_main, desc="train")
+    with bar:  # closed on an error too: the error's line starts a line of its own
+        while stop is None:
+            record = train_step(run, next_step_rows(run))
+            if record is None:
+                stop = Stop.NON_FINITE
+                break
+            steps_run += 1
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            done = progress["step"] == run.total_steps
+            if run.val_batches and (done or (cfg.eval_every and progress["step"] % cfg.eval_every == 0)):
+                evaluate_and_keep_best(run, record)
+            elif run.is_main and (progress["step"] % cfg.log_every == 0 or done):
+                write_metrics(cfg.out_dir, [record], mode="a")
+            patience = cfg.early_stopping_patience
+            stop = (Stop.DONE if done else
+                    Stop.EARLY_STOP if patience and progress["evals_since_best"] >= patience else
+                    Stop.INTERRUPT if interrupted else
+                    Stop.STOP_AFTER if steps_run == stop_after else None)
+            if stop or progress["step"] % cfg.save_every == 0:
+                run.save()
     return stop
 
 
@@ -596,7 +621,8 @@ def finish(run, stop):
             final = os.path.join(cfg.out_dir, "adapter" if cfg.method in ("lora", "qlora") else "model")
             export(run.model, cfg, final)
             if cfg.merge and cfg.method in ("lora", "qlora"):
-                lora.save_merged(run.model, os.path.join(cfg.out_dir, "merged"))
+                with atomic_folder(os.path.join(cfg.out_dir, "merged")) as tmp:
+                    lora.save_merged(run.model, tmp)
             log(f"wrote {final}")
     if run.world > 1:
         dist.destroy_process_group()
@@ -605,8 +631,8 @@ def finish(run, stop):
 
 @script
 def main(argv):
-    cfg, flags = parse_cli(argv, {"resume": False, "stop_after": 0})
-    run = setup(cfg, resume=flags["resume"])
+    cfg, flags = parse_cli(argv, {"resume": False, "allow_changes": False, "stop_after": 0}, {"stop_after": "[0, inf)"})
+    run = setup(cfg, resume=flags["resume"], allow_changes=flags["allow_changes"])
     stop = fit(run, stop_after=flags["stop_after"])
     return finish(run, stop)
 

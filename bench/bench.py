@@ -36,10 +36,13 @@ import sys
 import tempfile
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config  # noqa: E402
+
+config.quiet_ctrl_c(__name__)  # before torch: Ctrl-C while it loads (seconds) exits 130, no traceback
+
+import torch  # noqa: E402
 PIECES = ["rmsnorm", "mlp", "attention", "block", "lora", "nf4", "loss"]  # fast.PIECES and loss.py's fused loss
 
 
@@ -269,8 +272,9 @@ def time_sides(sides, steps):
     return {side: statistics.median(t) for side, t in times.items()}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@config.script
+def main(argv=None):
+    p = config.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
     p.add_argument("--batch", type=int, default=4)
@@ -290,19 +294,23 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: profile one of our steps, print the costliest operations")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     unknown = sorted(set(filter(None, args.off.split(","))) - set(PIECES))
     if unknown:
         p.error(f"--off {','.join(unknown)}: not a piece of the fast layer ({', '.join(PIECES)})")
+    if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
+        p.error("--batch, --seq and --steps should be >= 1, --warmup >= 0")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model}: not a model folder (no config.json in it)")
+    if not config.DEVICE.fullmatch(args.device):
+        p.error(f"--device {args.device}: should be cpu, cuda or cuda:N")
+    # the device checked here, not in a child; dtype auto resolved once, so that both sides run in it
+    device, args.dtype = config.resolve_hardware(config.Config(dtype=args.dtype, device=args.device))
     if args.child:
         return child(args)
     if args.profile:
         return profile_ours(args)
 
-    device = torch.device(args.device)
-    if args.dtype == "auto":  # resolved once here, so that both sides run in the same dtype
-        from config import Config, resolve_hardware
-        args.dtype = resolve_hardware(Config(dtype="auto", device=args.device))[1]
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = json.load(f)
     peak = matmul_peak_flops(getattr(torch, args.dtype), device)

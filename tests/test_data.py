@@ -119,6 +119,36 @@ def test_error_in_a_json_list_names_the_line_of_the_item(tmp_path):
         data.load_conversations(str(path))
 
 
+@pytest.mark.parametrize("text, line, kept, skipped", [
+    ('[{"text": "a"}, {"text": "b"}]\n{"text": "c"}\n{"text": "d"}\n', 2, 2, 2),  # an array, then JSONL records
+    ('[\n {"text": "a"}\n] and more\n', 3, 1, 1),                                # an array, then any text
+    ('{\n "text": "a"\n}\n{"text": "c"}\n', 4, 1, 1),                            # one record, then another
+])
+def test_text_after_the_json_value_of_a_file_is_a_file_line_error_or_counted_when_skipped(tmp_path, text, line, kept,
+                                                                                         skipped):
+    path = tmp_path / "more.json"
+    path.write_text(text)
+    with pytest.raises(data.DataError, match=rf"more\.json:{line}: text after the JSON value that ends on line"):
+        data.read_conversations(str(path))
+    stats = data.DataStats()
+    assert len(data.read_conversations(str(path), on_bad="skip", stats=stats)[1]) == kept  # the JSON value's records
+    assert stats.skipped == {"text after the JSON value": skipped}  # and each line after it, counted
+
+
+def test_a_json_file_of_one_object_over_several_lines_is_one_record(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{\n  "prompt": "a",\n  "completion": "b"\n}\n')
+    assert data.load_conversations(str(path)) == [[{"role": "user", "content": "a"},
+                                                   {"role": "assistant", "content": "b"}]]
+
+
+def test_a_data_path_that_is_a_directory_is_called_one(tmp_path):
+    with pytest.raises(data.DataError, match=f"{tmp_path}: is a directory, not a data file"):
+        data.load_conversations(str(tmp_path))
+    with pytest.raises(ConfigError, match=f"val_data: {tmp_path}: is a directory"):
+        data.check_data_files(Config(train_data=[os.path.join(EXAMPLES, "alpaca.jsonl")], val_data=str(tmp_path)))
+
+
 def test_format_set_in_the_config_overrides_detection(tmp_path, tok):
     path = write(tmp_path, "p.jsonl", ['{"prompt": "a", "completion": "b", "text": "c"}'])
     assert data.read_conversations(path, "text")[1][0][1] == [{"role": "assistant", "content": "c"}]

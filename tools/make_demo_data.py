@@ -25,10 +25,13 @@ read the message rather than memorize it:
 Deterministic (one seeded random.Random, pure Python) and license-clean: every template, product
 name and sentence is written here; the products are made up.
 """
-import argparse
 import json
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import ArgumentParser, check_out_folder, script  # noqa: E402
 
 FIELDS = ("category", "urgency", "product", "order_id", "sentiment")
 
@@ -277,11 +280,13 @@ def preference_splits(splits, seed=0):
     return {f"preference_{name}": [preference_pair(r, rng) for r in splits[name]] for name in ("train", "val")}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@script
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo"))
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_out_folder(args.out, "--out")
     os.makedirs(args.out, exist_ok=True)
     splits = make_splits(args.seed)
     for name, records in {**splits, **preference_splits(splits, args.seed)}.items():

@@ -8,14 +8,17 @@ The second writes a random model with the real shapes of Llama-3.2-1B (1.24 B pa
 template as the real model) and gets random weights: N(0, 0.02) matrices, unit norm gains, as
 in GPT-2 / Llama initialisation. Written by our own model.save_model, nothing else needed.
 """
-import argparse
 import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
+
+config.quiet_ctrl_c(__name__)  # before torch: Ctrl-C while it loads (seconds) exits 130, no traceback
+
+import torch  # noqa: E402
+
 from model import Transformer, read_config, save_model  # noqa: E402
 
 
@@ -56,13 +59,21 @@ def make_tiny_model(out, tokenizer_dir, hidden_size=64, layers=2, heads=4, kv_he
     return out
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@config.script
+def main(argv=None):
+    p = config.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/tiny")
     p.add_argument("--tokenizer", default="models/SmolLM2-135M-Instruct",
                    help="a model folder whose tokenizer files are copied")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", choices=sorted(SHAPES), help="a real model's shapes, weights in bf16")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.tokenizer, "config.json")):
+        p.error(f"--tokenizer {args.tokenizer}: not a model folder (no config.json in it)")
+    config.check_out_folder(args.out, "--out")
     shape = dict(SHAPES[args.shape], dtype=torch.bfloat16) if args.shape else {}
     print(make_tiny_model(args.out, args.tokenizer, seed=args.seed, **shape))
+
+
+if __name__ == "__main__":
+    main()
