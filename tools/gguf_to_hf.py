@@ -46,13 +46,28 @@ GGUF_TO_HF_LAYER = {  # blk.N.<key>.weight -> model.layers.N.<value>.weight
 }
 
 
+def hf_tensors(reader, layer_names, gguf_path):
+    """(GGUF name, HF name, dequantized float32 array (out, in)) of every tensor of the file; a tensor
+    this converter does not know is a ValueError. layer_names: blk.N.<key>.weight -> its HF module."""
+    from gguf.quants import dequantize
+    for t in reader.tensors:
+        parts = t.name.split(".")  # blk.N.attn_q.weight
+        if t.name in GGUF_TO_HF:
+            name = GGUF_TO_HF[t.name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in layer_names and parts[3] == "weight":
+            name = f"model.layers.{parts[1]}.{layer_names[parts[2]]}.weight"
+        else:
+            raise ValueError(f"{gguf_path}: tensor {t.name!r} is not one this converter knows")
+        # GGUF shapes list ne0 (the input dim) first; numpy wants (out, in).
+        yield t.name, name, dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+
+
 def convert_gguf(gguf_path, out_dir):
     """Write an HF folder (config, safetensors, tokenizer files) from a GGUF file of architecture
     llama (SmolLM2's: bf16 weights) or gemma3 (convert_gemma3: float32 weights)."""
     import numpy as np
     import torch
     from gguf import GGUFReader
-    from gguf.quants import dequantize
     from safetensors.torch import save_file
 
     reader = GGUFReader(gguf_path)
@@ -79,21 +94,11 @@ def convert_gguf(gguf_path, out_dir):
                          f"{head_dim} head dims is not converted")
 
     tensors = {}
-    for t in reader.tensors:
-        # GGUF shapes list ne0 (the input dim) first; numpy wants (out, in).
-        w = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-        parts = t.name.split(".")  # blk.N.attn_q.weight
-        if t.name in GGUF_TO_HF:
-            name = GGUF_TO_HF[t.name]
-        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_TO_HF_LAYER \
-                and parts[3] == "weight":
-            name = f"model.layers.{parts[1]}.{GGUF_TO_HF_LAYER[parts[2]]}.weight"
-            if parts[2] == "attn_q":
-                w = unpermute_qk(w, n_head)
-            elif parts[2] == "attn_k":
-                w = unpermute_qk(w, n_kv)
-        else:
-            raise ValueError(f"{gguf_path}: tensor {t.name!r} is not one this converter knows")
+    for gguf_name, name, w in hf_tensors(reader, GGUF_TO_HF_LAYER, gguf_path):
+        if gguf_name.endswith(".attn_q.weight"):
+            w = unpermute_qk(w, n_head)
+        elif gguf_name.endswith(".attn_k.weight"):
+            w = unpermute_qk(w, n_kv)
         # np.array copies: the reader memory-maps the file read-only
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(torch.bfloat16)
 
@@ -254,7 +259,6 @@ def convert_gemma3(reader, meta, gguf_path, out_dir):
     Tokenizer: see _write_gemma3_tokenizer."""
     import numpy as np
     import torch
-    from gguf.quants import dequantize
     from safetensors.torch import save_file
 
     missing = [k for k in GEMMA3_REQUIRED_KEYS if k not in meta]
@@ -273,18 +277,8 @@ def convert_gemma3(reader, meta, gguf_path, out_dir):
                          f"{meta['gemma3.attention.value_length']}")
 
     tensors = {}
-    for t in reader.tensors:
-        # GGUF shapes list ne0 (the input dim) first; numpy wants (out, in).
-        w = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-        parts = t.name.split(".")  # blk.N.attn_q.weight
-        if t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
-            name = GGUF_TO_HF[t.name]
-        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in GEMMA3_TO_HF_LAYER \
-                and parts[3] == "weight":
-            name = f"model.layers.{parts[1]}.{GEMMA3_TO_HF_LAYER[parts[2]]}.weight"
-        else:
-            raise ValueError(f"{gguf_path}: tensor {t.name!r} is not one this converter knows")
-        if t.name.endswith("norm.weight"):
+    for gguf_name, name, w in hf_tensors(reader, GEMMA3_TO_HF_LAYER, gguf_path):
+        if gguf_name.endswith("norm.weight"):
             w = w - np.float32(1)
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is mapped
 
