@@ -1,6 +1,7 @@
 """Training-step speed and memory: ours, and (with --compare-hf) transformers + PEFT (+ bitsandbytes).
 
     python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --batch 4 --seq 256 --compare-hf
+    python bench/bench.py --method lora --compare-hf --rounds 5                        # more rounds, a tighter median
     python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --kernels plain   # no fast layer
     python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --off block       # one piece off
     python bench/bench.py --model models/SmolLM2-135M-Instruct --method lora --profile   # where the time goes
@@ -13,11 +14,15 @@ fast layer (fast.py) and with the plain loss; `--off` names pieces of it to leav
 mlp, attention, block, lora, nf4, and loss: the fused loss of loss.py). Each side runs in its own
 child process so that each one's peak memory is its own: peak RSS on CPU, max_memory_allocated
 on CUDA. A step = forward + loss + backward + optimizer step; each side runs `--warmup` steps,
-then we time `--steps` steps of each and report the medians. The two sides' timed steps
+then we time `--steps` steps of each and take the medians. The two sides' timed steps
 alternate (ours, theirs, ours, ...; only one runs at a time), so that both run through the same
 spells of a shared machine. That narrows the spread of the ratio but does not remove it, as the
 two sides do not slow down alike: on this project's 2-core VM, the same LoRA command gave
-1.84x to 2.11x in four runs of one afternoon.
+1.84x to 2.11x in four runs of one afternoon, and on a CPU with AMX 0.90x in one run and 5.2x in
+the next. So one run decides nothing: `--rounds N` (default 3) repeats all of it with fresh
+processes (the side that starts first swapping each round) and reports, for each metric and each
+ratio ours / theirs, the median over the rounds and the range (min-max), with the CPU, whether it
+has AMX, the torch version and the dtype `auto` picks on this machine.
 
 FLOPs per step are counted from the shapes (a matmul of (m, k) by (k, n) is 2mkn):
   forward    2 * tokens * (parameters of the block linears) + attention + the head on trained tokens
@@ -62,13 +67,10 @@ def machine_name(device):
     """The GPU's name, or the CPU's model name and whether it has AMX (Linux: /proc/cpuinfo)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
+    name, amx = cpu_facts()
+    if name is None:
         return "CPU (unknown model)"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
-    return f"{name}, {os.cpu_count()} cores, {'with' if ' amx_tile' in info else 'without'} AMX"
+    return f"{name}, {os.cpu_count()} cores, {'with' if amx else 'without'} AMX"
 
 
 def sync(device):
@@ -269,6 +271,73 @@ def time_sides(sides, steps):
     return {side: statistics.median(t) for side, t in times.items()}
 
 
+def run_round(args, order):
+    """One round: a fresh process for each side (started in `order`), their timed steps alternating;
+    per side, the median step time, the peak memory and the trained tokens of a step."""
+    sides = {side: Child(side, args) for side in order}
+    median = time_sides(sides, args.steps)
+    return {side: dict(step_s=median[side], peak_mem_bytes=child.peak_memory(), n_trained=child.n_trained)
+            for side, child in sides.items()}
+
+
+def run_rounds(one_round, rounds, order):
+    """The results of `rounds` rounds; the sides' starting order swaps every round, so that neither
+    side always runs first (one slow spell of a shared machine then weighs on both alike)."""
+    return [one_round(order if r % 2 == 0 else order[::-1]) for r in range(rounds)]
+
+
+def summarize(rounds, tokens, flops, peak_flops):
+    """Each round's metrics (speed, memory and, with theirs, the ratios ours / theirs), and over the
+    rounds the median and the [min, max] of each: the ratios are medians of each round's ratio."""
+    per_round = []
+    for r in rounds:
+        m = dict(tokens_per_s=tokens / r["ours"]["step_s"], step_s=r["ours"]["step_s"],
+                 peak_mem_bytes=r["ours"]["peak_mem_bytes"], achieved_flops=flops / r["ours"]["step_s"],
+                 mfu=flops / r["ours"]["step_s"] / peak_flops)
+        if "hf" in r:
+            m.update(hf_tokens_per_s=tokens / r["hf"]["step_s"], hf_step_s=r["hf"]["step_s"],
+                     hf_peak_mem_bytes=r["hf"]["peak_mem_bytes"])
+            m.update(speedup=m["tokens_per_s"] / m["hf_tokens_per_s"],
+                     memory_ratio=m["peak_mem_bytes"] / m["hf_peak_mem_bytes"])
+        per_round.append(m)
+    median = {k: statistics.median(m[k] for m in per_round) for k in per_round[0]}
+    ranges = {k: [min(m[k] for m in per_round), max(m[k] for m in per_round)] for k in per_round[0]}
+    return per_round, median, ranges
+
+
+def cpu_facts():
+    """(CPU model name, whether it has AMX) from /proc/cpuinfo (Linux); (None, None) elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None, None
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    return name, " amx_tile" in info
+
+
+def report(result, args):
+    """The human-readable lines of a result (the JSON line, with --json, has it all)."""
+    mid, span = result, result["ranges"]
+    rng = lambda k, fmt, scale=1: f"{fmt.format(span[k][0] / scale)}-{fmt.format(span[k][1] / scale)}"  # noqa: E731
+    print(f"machine: {result['machine']}; torch {result['torch_version']}; dtype auto picks {result['dtype_auto']} "
+          f"here; {args.dtype} matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s (2048^3)")
+    print(f"{args.method}, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, kernels {args.kernels}"
+          f"{' without ' + args.off if args.off else ''}: {args.rounds} round{'s' * (args.rounds > 1)} of fresh "
+          f"processes, median of {args.steps} steps each{', alternating with theirs' if args.compare_hf else ''}; "
+          f"median of the rounds (range)")
+    print(f"  ours: {mid['tokens_per_s']:8.1f} tokens/s ({rng('tokens_per_s', '{:.1f}')})  {mid['step_s']:6.2f} s/step  "
+          f"peak {mid['peak_mem_bytes'] / 2**30:.2f} GiB ({rng('peak_mem_bytes', '{:.2f}', 2**30)})  "
+          f"{mid['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {100 * mid['mfu']:.0f}%")
+    if args.compare_hf:
+        print(f"  hf:   {mid['hf_tokens_per_s']:8.1f} tokens/s ({rng('hf_tokens_per_s', '{:.1f}')})  "
+              f"{mid['hf_step_s']:6.2f} s/step  peak {mid['hf_peak_mem_bytes'] / 2**30:.2f} GiB "
+              f"({rng('hf_peak_mem_bytes', '{:.2f}', 2**30)})  (transformers + peft"
+              f"{' + bitsandbytes' if args.method == 'qlora' else ''})")
+        print(f"  ours / hf: {mid['speedup']:.2f}x the speed ({rng('speedup', '{:.2f}')}), "
+              f"{mid['memory_ratio']:.2f}x the peak memory ({rng('memory_ratio', '{:.2f}')})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct")
@@ -282,6 +351,8 @@ def main():
     p.add_argument("--off", default="", help="pieces of the fast layer to leave out: " + ", ".join(PIECES))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of fresh processes; the median and range "
+                                                         "of each metric and ratio over them are reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
@@ -294,47 +365,32 @@ def main():
     unknown = sorted(set(filter(None, args.off.split(","))) - set(PIECES))
     if unknown:
         p.error(f"--off {','.join(unknown)}: not a piece of the fast layer ({', '.join(PIECES)})")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.child:
         return child(args)
     if args.profile:
         return profile_ours(args)
 
     device = torch.device(args.device)
+    from config import Config, resolve_hardware
+    dtype_auto = resolve_hardware(Config(dtype="auto", device=args.device), log=lambda line: None)[1]
     if args.dtype == "auto":  # resolved once here, so that both sides run in the same dtype
-        from config import Config, resolve_hardware
-        args.dtype = resolve_hardware(Config(dtype="auto", device=args.device))[1]
+        args.dtype = dtype_auto
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = json.load(f)
     peak = matmul_peak_flops(getattr(torch, args.dtype), device)
     tokens = args.batch * args.seq
-    sides = {"ours": Child("ours", args)}
-    if args.compare_hf:
-        sides["hf"] = Child("hf", args)
-    median = time_sides(sides, args.steps)
-    peaks = {side: child.peak_memory() for side, child in sides.items()}
-    flops = step_flops(cfg, args.method, args.batch, args.seq, sides["ours"].n_trained)
+    rounds = run_rounds(lambda order: run_round(args, order), args.rounds, ["ours", "hf"] if args.compare_hf else ["ours"])
+    flops = step_flops(cfg, args.method, args.batch, args.seq, rounds[0]["ours"]["n_trained"])
+    per_round, median, ranges = summarize(rounds, tokens, flops, peak)
+    cpu, amx = cpu_facts() if device.type == "cpu" else (None, None)
     result = dict(method=args.method, batch=args.batch, seq=args.seq, device=str(device), dtype=args.dtype,
-                  machine=machine_name(device), kernels=args.kernels, off=args.off,
-                  tokens_per_s=tokens / median["ours"], step_s=median["ours"],
-                  peak_mem_bytes=peaks["ours"], flops_per_step=flops,
-                  achieved_flops=flops / median["ours"], matmul_peak_flops=peak,
-                  mfu=flops / median["ours"] / peak)
-    print(f"machine: {machine_name(device)}; {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
-    print(f"{args.method}, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, kernels {args.kernels}"
-          f"{' without ' + args.off if args.off else ''}, median of {args.steps} steps"
-          f"{' each, alternating with theirs' if args.compare_hf else ''}")
-    print(f"  ours: {result['tokens_per_s']:8.1f} tokens/s  {result['step_s']:6.2f} s/step  "
-          f"peak {result['peak_mem_bytes'] / 2**30:.2f} GiB  "
-          f"{result['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {100 * result['mfu']:.0f}%")
-    if args.compare_hf:
-        result.update(hf_tokens_per_s=tokens / median["hf"], hf_step_s=median["hf"],
-                      hf_peak_mem_bytes=peaks["hf"])
-        result.update(speedup=result["tokens_per_s"] / result["hf_tokens_per_s"],
-                      memory_ratio=result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
-        print(f"  hf:   {result['hf_tokens_per_s']:8.1f} tokens/s  {result['hf_step_s']:6.2f} s/step  "
-              f"peak {result['hf_peak_mem_bytes'] / 2**30:.2f} GiB  (transformers + peft"
-              f"{' + bitsandbytes' if args.method == 'qlora' else ''})")
-        print(f"  ours / hf: {result['speedup']:.2f}x the speed, {result['memory_ratio']:.2f}x the peak memory")
+                  dtype_auto=dtype_auto, machine=machine_name(device), cpu=cpu, amx=amx,
+                  torch_version=torch.__version__, kernels=args.kernels, off=args.off, rounds=args.rounds,
+                  steps=args.steps, **median, flops_per_step=flops, matmul_peak_flops=peak, ranges=ranges,
+                  per_round=per_round)
+    report(result, args)
     if args.json:
         print(json.dumps(result))
 
