@@ -306,7 +306,8 @@ class Examples(Sequence):
     @staticmethod
     def mix(parts, weights, seed):
         """data.mix of parts of the same Store: the same draw, made on the indices."""
-        return Examples(parts[0].store, np.array(data.mix([p.index.tolist() for p in parts], weights, seed), dtype=np.int64))
+        mixture = data.mix([p.index.tolist() for p in parts], weights, seed)
+        return Examples(parts[0].store, np.array(mixture, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def make_records(n, path, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".part", "w", encoding="utf-8") as f:
         for _ in range(n):
-            record = {"instruction": run(6, 24), "input": run(0, 40) if rng.random() < 0.5 else "", "output": run(32, 88)}
+            record = {"instruction": run(6, 24), "input": run(0, 40) if rng.random() < 0.5 else "",
+                      "output": run(32, 88)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(path + ".part", path)
 
@@ -96,7 +97,9 @@ def main():
         make_records(args.records, path)
         print(f"wrote {path} in {time.perf_counter() - t:.0f} s")
     cache_dir = os.path.join(ROOT, ".cache", "bench", "data-cache")
-    env = dict(os.environ, SFT_DATA_CACHE_DIR=cache_dir, **({"SFT_DATA_WORKERS": str(args.workers)} if args.workers else {}))
+    env = dict(os.environ, SFT_DATA_CACHE_DIR=cache_dir)
+    if args.workers:
+        env["SFT_DATA_WORKERS"] = str(args.workers)
     with open("/proc/cpuinfo") as f:
         info = f.read()
     cpu = re.search(r"model name\s*:\s*(.*)", info).group(1)
@@ -120,8 +123,8 @@ def main():
     plan = runs["later start: maps the cache"]
     print("  then the first epoch's plan (batch 4): " + ", ".join(
         f"{k} {plan['plan_seconds'][k]:.1f} s, +{mib(plan['plan_added'][k])}" for k in ("none", "packed")))
-    print(f"load average {os.getloadavg()[0]:.1f} at the end; cache size "
-          f"{sum(e.stat().st_size for d in os.scandir(cache_dir) if d.is_dir() for e in os.scandir(d.path)) / 1e6:.0f} MB")
+    size = sum(e.stat().st_size for d in os.scandir(cache_dir) if d.is_dir() for e in os.scandir(d.path))
+    print(f"load average {os.getloadavg()[0]:.1f} at the end; the cache folder holds {size / 1e6:.0f} MB")
     print(json.dumps({"records": args.records, "cpu": cpu, **runs}))
 
 

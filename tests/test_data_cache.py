@@ -13,7 +13,7 @@ import data
 import data_cache
 from config import Config
 from conftest import ROOT
-from test_data import tok, tok_dir, write  # noqa: F401  (fixtures)
+from test_data import tok, tok_dir, write  # noqa: F401, F811  (fixtures)
 
 BAD = '{"instruction": "no output"}'
 
@@ -223,8 +223,8 @@ def test_under_torchrun_rank_0_builds_and_the_other_rank_maps_or_fails_alike(tmp
     files = data_files(tmp_path)[:2]
     script = tmp_path / "child.py"
     script.write_text(TORCHRUN_CHILD.format(root=ROOT, files=files, tok=str(tok_dir)))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(torchrun + [str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
