@@ -109,8 +109,8 @@ def make_inputs(vocab, batch, seq, seed=0):
 def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import memory
+    return memory.peak_rss_bytes()  # VmHWM: this process's own peak (see memory.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,11 +120,14 @@ def peak_memory(device):
 def run_ours(args, device):
     import fast
     import lora
+    import memory
+    from config import Config
     from loss import fused_cross_entropy, masked_cross_entropy
     from model import load_model
     from train import adamw_init, adamw_step
 
     bf16 = args.dtype == "bfloat16"
+    baseline = memory.rss_bytes() if device.type == "cpu" else 0  # before the model, as train.py measures it
     model = load_model(args.model, dtype=torch.bfloat16 if bf16 and args.method != "full" else torch.float32,
                        device=device)
     lora.prepare_model(model, args.method, lora_rank=16, lora_alpha=32.0)
@@ -144,6 +147,9 @@ def run_ours(args, device):
     n_trained = int((targets != -100).sum())
     model.train()
     counter = [0]
+    settings = Config(method=args.method, dtype=args.dtype, kernels=args.kernels, lora_rank=16, batch_size=args.batch,
+                      seq_len=args.seq, grad_checkpointing=args.grad_checkpointing, device=args.device)
+    estimate = memory.estimate_memory(model, settings, baseline, args.seq, n_trained / ids.numel(), device.type)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -155,7 +161,7 @@ def run_ours(args, device):
         for p in params:
             p.grad = None
 
-    return step, n_trained
+    return step, dict(n_trained=n_trained, baseline_mem_bytes=baseline, estimate_mem_bytes=sum(estimate.values()))
 
 
 def run_hf(args, device):
@@ -163,6 +169,8 @@ def run_hf(args, device):
     from peft import LoraConfig, get_peft_model
 
     bf16 = args.dtype == "bfloat16"
+    import memory
+    baseline = memory.rss_bytes() if device.type == "cpu" else 0
     kwargs = {"dtype": torch.bfloat16 if bf16 and args.method != "full" else torch.float32,
               "device_map": str(device)}
     if args.method == "qlora":
@@ -188,16 +196,16 @@ def run_hf(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, int((labels[:, 1:] != -100).sum())
+    return step, dict(n_trained=int((labels[:, 1:] != -100).sum()), baseline_mem_bytes=baseline)
 
 
 def child(args):
     """One side: build, warm up, then time one step each time the parent writes "step"."""
     device = torch.device(args.device)
-    step, n_trained = (run_ours if args.child == "ours" else run_hf)(args, device)
+    step, info = (run_ours if args.child == "ours" else run_hf)(args, device)
     for _ in range(args.warmup):
         step()
-    print("BENCH", json.dumps(dict(n_trained=n_trained)), flush=True)  # ready
+    print("BENCH", json.dumps(info), flush=True)  # ready: the trained tokens, memory before the model, estimate
     for line in sys.stdin:
         if line.strip() != "step":
             break
@@ -215,7 +223,7 @@ def profile_ours(args, rows=25):
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
-    step, _ = run_ours(args, device)
+    step = run_ours(args, device)[0]
     for _ in range(args.warmup):
         step()
     cuda = device.type == "cuda"
@@ -240,7 +248,8 @@ class Child:
         self.side, self.stderr = side, tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
-        self.n_trained = self.answer()["n_trained"]
+        self.info = self.answer()
+        self.n_trained = self.info["n_trained"]
 
     def answer(self):
         for line in self.proc.stdout:
@@ -276,7 +285,7 @@ def run_round(args, order):
     per side, the median step time, the peak memory and the trained tokens of a step."""
     sides = {side: Child(side, args) for side in order}
     median = time_sides(sides, args.steps)
-    return {side: dict(step_s=median[side], peak_mem_bytes=child.peak_memory(), n_trained=child.n_trained)
+    return {side: dict(step_s=median[side], peak_mem_bytes=child.peak_memory(), **child.info)
             for side, child in sides.items()}
 
 
@@ -291,9 +300,13 @@ def summarize(rounds, tokens, flops, peak_flops):
     rounds the median and the [min, max] of each: the ratios are medians of each round's ratio."""
     per_round = []
     for r in rounds:
-        m = dict(tokens_per_s=tokens / r["ours"]["step_s"], step_s=r["ours"]["step_s"],
-                 peak_mem_bytes=r["ours"]["peak_mem_bytes"], achieved_flops=flops / r["ours"]["step_s"],
-                 mfu=flops / r["ours"]["step_s"] / peak_flops)
+        ours = r["ours"]
+        m = dict(tokens_per_s=tokens / ours["step_s"], step_s=ours["step_s"], peak_mem_bytes=ours["peak_mem_bytes"],
+                 achieved_flops=flops / ours["step_s"], mfu=flops / ours["step_s"] / peak_flops)
+        if "estimate_mem_bytes" in ours:  # train.py's memory estimate against the peak, both above the baseline
+            base = ours["baseline_mem_bytes"]
+            m.update(baseline_mem_bytes=base, estimate_mem_bytes=ours["estimate_mem_bytes"],
+                     estimate_ratio=(ours["estimate_mem_bytes"] - base) / max(ours["peak_mem_bytes"] - base, 1))
         if "hf" in r:
             m.update(hf_tokens_per_s=tokens / r["hf"]["step_s"], hf_step_s=r["hf"]["step_s"],
                      hf_peak_mem_bytes=r["hf"]["peak_mem_bytes"])
@@ -326,9 +339,14 @@ def report(result, args):
           f"{' without ' + args.off if args.off else ''}: {args.rounds} round{'s' * (args.rounds > 1)} of fresh "
           f"processes, median of {args.steps} steps each{', alternating with theirs' if args.compare_hf else ''}; "
           f"median of the rounds (range)")
-    print(f"  ours: {mid['tokens_per_s']:8.1f} tokens/s ({rng('tokens_per_s', '{:.1f}')})  {mid['step_s']:6.2f} s/step  "
+    print(f"  ours: {mid['tokens_per_s']:8.1f} tokens/s ({rng('tokens_per_s', '{:.1f}')})  "
+          f"{mid['step_s']:6.2f} s/step  "
           f"peak {mid['peak_mem_bytes'] / 2**30:.2f} GiB ({rng('peak_mem_bytes', '{:.2f}', 2**30)})  "
           f"{mid['achieved_flops'] / 1e9:.0f} GFLOP/s = MFU {100 * mid['mfu']:.0f}%")
+    if "estimate_mem_bytes" in mid:
+        print(f"  memory estimate (train.py's): {mid['estimate_mem_bytes'] / 2**30:.2f} GiB; above the process's "
+              f"{mid['baseline_mem_bytes'] / 2**30:.2f} GiB before the model, {mid['estimate_ratio']:.2f}x the "
+              f"measured ({rng('estimate_ratio', '{:.2f}')})")
     if args.compare_hf:
         print(f"  hf:   {mid['hf_tokens_per_s']:8.1f} tokens/s ({rng('hf_tokens_per_s', '{:.1f}')})  "
               f"{mid['hf_step_s']:6.2f} s/step  peak {mid['hf_peak_mem_bytes'] / 2**30:.2f} GiB "
@@ -381,7 +399,8 @@ def main():
         cfg = json.load(f)
     peak = matmul_peak_flops(getattr(torch, args.dtype), device)
     tokens = args.batch * args.seq
-    rounds = run_rounds(lambda order: run_round(args, order), args.rounds, ["ours", "hf"] if args.compare_hf else ["ours"])
+    sides = ["ours", "hf"] if args.compare_hf else ["ours"]
+    rounds = run_rounds(lambda order: run_round(args, order), args.rounds, sides)
     flops = step_flops(cfg, args.method, args.batch, args.seq, rounds[0]["ours"]["n_trained"])
     per_round, median, ranges = summarize(rounds, tokens, flops, peak)
     cpu, amx = cpu_facts() if device.type == "cpu" else (None, None)
