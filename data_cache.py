@@ -103,8 +103,9 @@ def file_digest(path, memo_dir):
         while block := f.read(1 << 22):
             h.update(block)
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > MEMO_AFTER_NS:
-        os.makedirs(memo_dir, exist_ok=True)
-        write_json(memo, {"stamp": stamp, "sha256": h.hexdigest()})
+        with contextlib.suppress(OSError):  # only a shortcut: without it the file is read again next time
+            os.makedirs(memo_dir, exist_ok=True)
+            write_json(memo, {"stamp": stamp, "sha256": h.hexdigest()})
     return h.hexdigest()
 
 
@@ -138,7 +139,8 @@ def cache_key(cfg, tokenizer, files):
 def load_parts(cfg, tokenizer, files, stats, log=print):
     """(train parts, val): the examples of each train file and the validation examples, as
     data.render_parts renders them, read from the cache (built first if it has no complete build for
-    this key), and stats filled as the build filled them. None: no cache for this tokenizer."""
+    this key), and stats filled as the build filled them. None: no cache for this tokenizer, or
+    none could be written (the caller renders)."""
     keyed = cache_key(cfg, tokenizer, files)
     if keyed is None:
         return None
@@ -147,7 +149,11 @@ def load_parts(cfg, tokenizer, files, stats, log=print):
     with local_rank_0_first():  # under torchrun one process per machine builds, the others then map
         store = open_store(folder, ingredients, log)
         if store is None:
-            build(cfg, tokenizer, files, folder, ingredients, log)
+            try:
+                build(cfg, tokenizer, files, folder, ingredients, log)
+            except OSError as e:  # a full disk, a read-only folder: train without the cache
+                log(f"data: cannot write the cache {folder} ({e}); rendering without it")
+                return None
             store = open_store(folder, ingredients, log)
         if store is None:
             raise RuntimeError(f"data cache: {folder} was built but does not check out")

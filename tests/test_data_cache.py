@@ -233,3 +233,14 @@ def test_under_torchrun_rank_0_builds_and_the_other_rank_maps_or_fails_alike(tmp
     assert results[0]["error"] == results[1]["error"] and "a.jsonl:6: missing field 'output'" in results[0]["error"]
     assert results[0]["examples"] == results[1]["examples"] and results[0]["first"] == results[1]["first"]
     assert len(cache_folders()) == 1
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_rendering(tmp_path, tok, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("SFT_DATA_CACHE_DIR", str(blocked / "data"))
+    cfg = make_config(data_files(tmp_path))
+    logs = []
+    train, val, stats = load(cfg, tok, logs)
+    assert any("cannot write the cache" in line for line in logs)
+    assert_same_examples(train, load(Config(**{**vars(cfg), "data_cache": False}), tok)[0])
