@@ -397,8 +397,10 @@ def rendered_chunks(conversations, tokenizer, template, cfg, split, file_index, 
             pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=multiprocessing.get_context("fork"))
             try:
                 yield from pool.map(render_chunk, bounds)
-            finally:
+            except BaseException:  # an error, Ctrl-C: drop the chunks not started, do not wait for them
                 pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()  # all done: the workers exit
         else:
             yield from map(render_chunk, bounds)
     finally:
