@@ -9,8 +9,9 @@ seeded, written once to .cache/bench/alpaca_<N>.jsonl. Each measurement runs in 
 the seconds of data.load_datasets, then of the first epoch's plan_batches (both packings: what
 train.py does with the data before its first step), and the RSS above the process's own before
 loading (python, torch, the tokenizer): at its peak and after loading (the examples still held);
-the plans' own time and RSS come apart. A build's worker processes are measured apart (their
-largest peak RSS). --later-only measures a later start alone, with the cache of an earlier run.
+the plans' own time and RSS come apart. A build's worker processes are measured apart (their CPU
+time, their largest peak RSS, which counts the pages they share with the parent after the fork).
+--later-only measures a later start alone, with the cache of an earlier run.
 """
 import argparse
 import json
@@ -38,9 +39,10 @@ def rss(key="VmRSS"):  # VmHWM: the peak so far
 tok = load_tokenizer({model!r})
 before = rss()
 cfg = Config(train_data=[{path!r}], data_cache={cache!r}, seq_len={seq_len!r})
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 train, val, stats = data.load_datasets(cfg, tok, log=lambda line: None)
-seconds, peak, held = time.perf_counter() - t, rss("VmHWM"), rss()
+seconds, cpu, peak, held = time.perf_counter() - t, time.process_time() - cpu, rss("VmHWM"), rss()
+children = resource.getrusage(resource.RUSAGE_CHILDREN)
 plan_seconds, plan_added = {{}}, {{}}
 for packing in ("none", "packed"):
     t, start = time.perf_counter(), rss()
@@ -48,8 +50,10 @@ for packing in ("none", "packed"):
     plan_seconds[packing], plan_added[packing] = time.perf_counter() - t, rss() - start
     del plan
 workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print("BENCH", json.dumps(dict(seconds=seconds, rss_before=before, peak_added=peak - before, held_added=held - before,
-                               worker_peak=workers, plan_seconds=plan_seconds, plan_added=plan_added,
+print("BENCH", json.dumps(dict(seconds=seconds, cpu_seconds=cpu,
+                               worker_cpu_seconds=children.ru_utime + children.ru_stime, rss_before=before,
+                               peak_added=peak - before, held_added=held - before, worker_peak=workers,
+                               plan_seconds=plan_seconds, plan_added=plan_added,
                                examples=len(train) + len(val), tokens=stats.tokens["train"] + stats.tokens["val"])))
 """
 
@@ -118,8 +122,10 @@ def main():
     print(f"{first['examples']:,} examples, {first['tokens']:,} tokens; RSS before loading "
           f"{mib(first['rss_before'])} (python, torch, tokenizer)")
     for name, r in runs.items():
-        print(f"  {name:<32} {r['seconds']:7.2f} s; RSS added: peak {mib(r['peak_added'])}, held "
-              f"{mib(r['held_added'])}" + (f"; worker peak RSS {mib(r['worker_peak'])}" if r["worker_peak"] else ""))
+        print(f"  {name:<32} {r['seconds']:7.2f} s (CPU: {r['cpu_seconds']:.1f} s"
+              + (f" + workers {r['worker_cpu_seconds']:.1f} s" if r["worker_peak"] else "") + f"); RSS added: peak "
+              f"{mib(r['peak_added'])}, held {mib(r['held_added'])}"
+              + (f"; worker peak RSS {mib(r['worker_peak'])}" if r["worker_peak"] else ""))
     plan = runs["later start: maps the cache"]
     print("  then the first epoch's plan (batch 4): " + ", ".join(
         f"{k} {plan['plan_seconds'][k]:.1f} s, +{mib(plan['plan_added'][k])}" for k in ("none", "packed")))
