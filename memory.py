@@ -23,6 +23,8 @@ and what comes after backward, when the activations are gone:
     transients       AdamW's update: five tensors the size of the largest trainable parameter (full
                      fine-tuning: the embeddings); an export's copy of the weights
 The loading peak (every weight in full precision, before QLoRA quantizes) replaces it all if larger.
+Not counted: the sample answers generated at each evaluation (2 prompts, 48 new tokens: a KV cache of
+a few MiB, at a moment when the step's activations are gone).
 
 Everything but the runtime and the allocator's share is counted from the shapes, so the estimate holds
 for shapes not measured; activation_bytes is checked against what autograd really keeps
