@@ -57,6 +57,7 @@ class Config:
     truncation: str = "truncate"    # truncate | drop: what to do with examples longer than seq_len
     packing: str = "none"           # none | packed
     on_bad_data: str = "stop"       # stop | skip (skipped examples are counted and reported)
+    data_cache: bool = True         # render once into .cache/data/, memory-map it at later starts (data_cache.py)
     # --- optimisation (see train.py) -----------------------------------------------------------
     batch_size: int = 4             # examples (or packed rows) per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step

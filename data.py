@@ -348,8 +348,13 @@ def render_one(messages, tokenizer, resolved, cfg, train_on):
 
 def count(examples, split, stats):
     stats.examples[split] += len(examples)
-    stats.tokens[split] += sum(len(ex["input_ids"]) + len(ex.get("rejected", {}).get("input_ids", ())) for ex in examples)
-    stats.trained_tokens[split] += count_trained(examples, [range(len(examples))])
+    if hasattr(examples, "counts"):  # cached examples: from their per-example counts, no token read
+        tokens, trained = examples.counts()
+    else:
+        tokens = sum(len(ex["input_ids"]) + len(ex.get("rejected", {}).get("input_ids", ())) for ex in examples)
+        trained = count_trained(examples, [range(len(examples))])
+    stats.tokens[split] += tokens
+    stats.trained_tokens[split] += trained
 
 
 def mix(parts, weights, seed):
@@ -387,9 +392,42 @@ def check_data_files(cfg):
 def load_datasets(cfg, tokenizer, log=print):
     """(train examples, val examples, DataStats) for a run: read cfg.train_data (a mixture when
     data_weights is set), split off val_fraction with cfg.seed unless val_data is given, render,
-    truncate/drop to seq_len. Text-format files use template plain. Logs what it picked."""
+    truncate/drop to seq_len. Text-format files use template plain. Logs what it picked.
+    With data_cache (the default) the rendered examples come from data_cache.py's memory-mapped
+    cache, built on the first start: the same examples and statistics, not rendered again."""
     files = check_data_files(cfg)
     stats = DataStats()
+    cached = None
+    if cfg.data_cache:
+        import data_cache  # it imports this module
+        cached = data_cache.load_parts(cfg, tokenizer, files, stats, log)
+    if cached is not None:
+        train_parts, val = cached
+        join = data_cache.Examples.join
+        mixture = data_cache.Examples.mix
+    else:
+        render = lambda conversations, template, split: render_examples(  # noqa: E731
+            conversations, tokenizer, template, cfg, split, stats)
+        train_parts, val_parts = render_parts(cfg, tokenizer, files, stats, render)
+        val = [ex for part in val_parts for ex in part]
+        join, mixture = (lambda parts: [ex for part in parts for ex in part]), mix
+    train = mixture(train_parts, cfg.data_weights, cfg.seed) if cfg.data_weights else join(train_parts)
+    if cfg.data_weights:
+        shares = source_file_counts(train)
+        stats.lines.append("mixture: " + ", ".join(f"{f} {shares[f]:,}" for f in files))
+    count(train, "train", stats)
+    count(val, "val", stats)
+    for line in stats.report().splitlines():
+        log(f"data: {line}")
+    if not train:
+        raise DataError("no training examples left: all were skipped or dropped (see the statistics)")
+    return train, val, stats
+
+
+def render_parts(cfg, tokenizer, files, stats, render):
+    """([train examples of each file], [validation parts]): each file read, split (val_fraction, per
+    file, seed + its position) unless val_data is given, and rendered by render(conversations, template,
+    split) -> examples, in this order (the order of the statistics' notes). data_cache builds with it."""
     resolved = resolve_template(cfg.template, tokenizer)
     stats.template = resolved[0]
     stats.lines.append(resolved[2])
@@ -400,27 +438,30 @@ def load_datasets(cfg, tokenizer, log=print):
         stats.lines.append(f"{path}: {fmt}, {len(conversations):,} records")
         return (plain if fmt == "text" else resolved), conversations
 
-    train_parts, val = [], []
+    train_parts, val_parts = [], []
     for k, path in enumerate(files):
         template, conversations = load(path)
         if not cfg.val_data:  # split each file on its own, so that every task has validation examples
             conversations, val_part = split_val(conversations, cfg.val_fraction, cfg.seed + k)
-            val += render_examples(val_part, tokenizer, template, cfg, "val", stats)
-        train_parts.append(render_examples(conversations, tokenizer, template, cfg, "train", stats))
+            val_parts.append(render(val_part, template, "val"))
+        train_parts.append(render(conversations, template, "train"))
     if cfg.val_data:
         template, conversations = load(cfg.val_data)
-        val = render_examples(conversations, tokenizer, template, cfg, "val", stats)
-    train = mix(train_parts, cfg.data_weights, cfg.seed) if cfg.data_weights else [ex for p in train_parts for ex in p]
-    if cfg.data_weights:
-        shares = Counter(ex["source"].rsplit(":", 1)[0] for ex in train)
-        stats.lines.append("mixture: " + ", ".join(f"{f} {shares[f]:,}" for f in files))
-    count(train, "train", stats)
-    count(val, "val", stats)
-    for line in stats.report().splitlines():
-        log(f"data: {line}")
-    if not train:
-        raise DataError("no training examples left: all were skipped or dropped (see the statistics)")
-    return train, val, stats
+        val_parts.append(render(conversations, template, "val"))
+    return train_parts, val_parts
+
+
+def source_file_counts(examples):
+    """{file: how many of the examples come from it}."""
+    if hasattr(examples, "file_counts"):  # cached examples count without making a "source" string each
+        return examples.file_counts()
+    return Counter(ex["source"].rsplit(":", 1)[0] for ex in examples)
+
+
+def example_lengths(examples):
+    """The token count of each example, an array (cached examples know it without reading tokens)."""
+    lengths = getattr(examples, "lengths", None)
+    return np.asarray(lengths) if lengths is not None else np.array([len(ex["input_ids"]) for ex in examples])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,7 +476,7 @@ def plan_batches(examples, batch_size, seq_len, packing="none", seed=0, epoch=0)
     packing="packed": rows of up to seq_len tokens filled best-fit (each example into the fullest row
     it fits in), rows shuffled, batch_size rows per batch."""
     rng = np.random.default_rng([seed, epoch])
-    lengths = np.array([len(ex["input_ids"]) for ex in examples])
+    lengths = example_lengths(examples)
     if len(lengths) and lengths.max() > seq_len:
         raise ValueError(f"an example has {lengths.max()} tokens > seq_len={seq_len}")
     order = rng.permutation(len(examples))

@@ -517,6 +517,16 @@ def token_spans(ids, text, tokenizer):
     word-start space that the text does not have ("<s>[INST]" -> "<s>", "▁[", ...): that space is
     given no byte of the text."""
     data, starts, ends, pos = text.encode("utf-8"), [], [], 0
+    table = getattr(tokenizer, "token_bytes", None)  # ByteLevelBPE's id -> bytes: the usual case, fast
+    if table is not None:
+        try:
+            pieces = [table[i] for i in ids]
+        except KeyError:  # an unknown id: the loop below says which
+            pieces = None
+        if pieces is not None and b"".join(pieces) == data:  # they tile the text, each where the last ended
+            lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+            ends = np.cumsum(lengths)
+            return ends - lengths, ends
     for k, i in enumerate(ids):
         piece = tokenizer.decode_bytes([i])
         if data.startswith(piece, pos):

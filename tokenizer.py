@@ -557,4 +557,5 @@ def load_tokenizer(path):
     else:
         tok.chat_templates = {"default": template} if template is not None else {}
     tok.chat_template = tok.chat_templates.get("default")
+    tok.folder = str(folder)  # what data_cache.py keys a cache by (the files above)
     return tok

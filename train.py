@@ -29,7 +29,6 @@ from config import quiet_ctrl_c
 quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
 
 import enum
-import json
 import math
 import os
 import signal
@@ -47,6 +46,7 @@ from tqdm import tqdm
 import data
 import fast
 import lora
+import memory
 from checkpoint import (atomic_folder, check_resume, load_checkpoint, read_metrics, record_changes, save_checkpoint,
                         save_config, step_folder, write_loss_curve, write_metrics)
 from config import ConfigError, check_out_folder, fetch_model, parse_cli, resolve_hardware, script
@@ -137,6 +137,7 @@ class Run:
     val_batches: list = None
     samples: list = None
     last_ckpt: str = None  # the step folder saved or resumed from last: the next save keeps it
+    memory: dict = None  # the memory estimate's parts (memory.py)
 
     @property
     def is_main(self):
@@ -168,18 +169,20 @@ def setup(cfg, resume=False, allow_changes=False):
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, stats = data.load_datasets(cfg, tokenizer, log=log)
     check_objective(cfg, train_set + val_set)
+    baseline = memory.rss_bytes() if device.type == "cpu" else 0  # python, torch, the data: before the model
     model = build_model(cfg, device)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     log(lora.describe_trainable(model, cfg.method))
-    estimate = estimate_memory(model, cfg)
-    log("memory estimate: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in estimate.items())
-        + f"; total {sum(estimate.values()) / 2**20:.0f} MiB")
+    longest = cfg.seq_len if cfg.packing == "packed" else int(data.example_lengths(train_set).max())
+    estimate = memory.estimate_memory(model, cfg, baseline, longest, stats.trained_tokens["train"]
+                                      / max(stats.tokens["train"], 1), device.type)
+    log("memory estimate: " + memory.describe(estimate))
     model.train()
     run = Run(cfg, rank, world, device, log, tokenizer, train_set, val_set, stats, model,
               net=DistributedDataParallel(model) if world > 1 else model, names=names, params=params,
               teacher=make_teacher(model, cfg, device) if cfg.distill_weight > 0 or cfg.objective == "dpo" else None,
               autocast=torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext(),
-              ckpt_dir=ckpt_dir, opt_state=adamw_init(params),
+              ckpt_dir=ckpt_dir, opt_state=adamw_init(params), memory=estimate,
               progress=dict(step=0, epoch=0, batch=0, best_val=None, evals_since_best=0))
     plan_training(run)
     if resume:
@@ -369,29 +372,10 @@ def print_samples(model, tokenizer, prompts, template, max_new_tokens=48):
         tqdm.write(f"  ...{tokenizer.decode(prompt)[-60:]!r} -> {tokenizer.decode(answer)!r}")
 
 
-def estimate_memory(model, cfg):
-    """Bytes of weights, gradients, AdamW state and (roughly) activations, before any step."""
-    c = lora.count_trainable(model)
-    mc = model.config
-    act_bytes = 2 if cfg.dtype == "bfloat16" else 4
-    tokens = cfg.batch_size * cfg.seq_len
-    # per token and block, backward keeps roughly: the block input and the residual after
-    # attention (2C), q, k, v and the attention output (2C + 2 kv), the MLP's gate and up (2I);
-    # plain autograd also keeps the two norm outputs and silu(gate), silu(gate) * up (2C + 2I),
-    # which kernels = "fast" recomputes instead (fast.py).
-    C, I, kv = mc.hidden_size, mc.intermediate_size, mc.num_key_value_heads * mc.head_dim
-    per_layer = 4 * C + 2 * kv + 2 * I + (2 * C + 2 * I if cfg.kernels == "plain" else 0)
-    per_layer = C if cfg.grad_checkpointing else per_layer
-    activations = tokens * mc.num_hidden_layers * per_layer * act_bytes
-    return dict(weights=c["weight_bytes"], gradients=c["trainable"] * 4,
-                optimizer=c["trainable"] * 8, activations=activations)
-
-
 def peak_memory_bytes(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource  # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return memory.peak_rss_bytes()
 
 
 def add_neftune_noise(model, alpha):
@@ -611,8 +595,10 @@ def finish(run, stop):
     cfg, log = run.cfg, run.log
     if run.is_main:
         write_loss_curve(cfg.out_dir)
-        log(f"peak memory: {peak_memory_bytes(run.device) / 2**20:.0f} MiB "
-            f"({'max allocated' if run.device.type == 'cuda' else 'peak RSS'})")
+        peak, estimate, baseline = peak_memory_bytes(run.device), sum(run.memory.values()), run.memory["baseline"]
+        log(f"peak memory: {peak / 2**20:.0f} MiB ({'max allocated' if run.device.type == 'cuda' else 'peak RSS'}), "
+            f"estimated {estimate / 2**20:.0f} MiB" + (f"; above the baseline of {baseline / 2**20:.0f} MiB: "
+            f"{(peak - baseline) / 2**20:.0f} MiB, estimated {(estimate - baseline) / 2**20:.0f}" if baseline else ""))
         if stop is not Stop.DONE:
             resumable = stop in (Stop.INTERRUPT, Stop.STOP_AFTER)
             log(f"stopped at step {run.progress['step']} of {run.total_steps}: {stop.value}"

@@ -26,6 +26,15 @@ def real_model_dir():
     return REAL_MODEL_DIR
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory):
+    """The data caches that tests build (data_cache.py) go to a temporary folder, not the repository's
+    .cache/data; the scripts that tests run inherit it."""
+    folder = str(tmp_path_factory.mktemp("data-cache"))
+    os.environ["SFT_DATA_CACHE_DIR"] = folder
+    return folder
+
+
 def missing_real_data(message):
     """A skip on a developer's machine, a failure in CI (CI=true): never a silent skip there."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

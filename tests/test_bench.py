@@ -13,9 +13,9 @@ sys.path.insert(0, f"{ROOT}/bench")
 import bench  # noqa: E402
 
 
-def run_bench(model, method, *extra):
+def run_bench(model, method, *extra, rounds=1):
     out = subprocess.run([sys.executable, "bench/bench.py", "--model", model, "--method", method, "--batch", "2",
-                          "--seq", "32", "--steps", "2", "--warmup", "1", "--json", *extra],
+                          "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", str(rounds), "--json", *extra],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -27,6 +27,8 @@ def test_bench_json_last_line_has_speed_memory_and_mfu(tiny_model, method):
     assert result["tokens_per_s"] > 0 and result["peak_mem_bytes"] > 0 and 0 < result["mfu"]
     assert result["dtype"] in ("float32", "bfloat16")  # auto, resolved as train.py resolves it
     assert "AMX" in result["machine"]  # the CPU is named, with or without AMX
+    assert result["amx"] in (True, False) and result["torch_version"] == torch.__version__
+    assert result["dtype_auto"] in ("float32", "bfloat16") and result["rounds"] == 1
 
 
 @pytest.mark.parametrize("args, kernels, off", [(["--kernels", "plain"], "plain", ""),
@@ -42,11 +44,17 @@ def test_bench_refuses_a_piece_it_does_not_know(tiny_model):
     assert out.returncode == 2 and "--off flash: not a piece of the fast layer" in out.stderr
 
 
-def test_bench_compare_hf_measures_both_sides_in_their_own_processes(tiny_model):
-    result = run_bench(tiny_model, "lora", "--compare-hf")
+def test_bench_compare_hf_measures_both_sides_in_their_own_processes_in_rounds(tiny_model):
+    result = run_bench(tiny_model, "lora", "--compare-hf", rounds=2)
     assert result["hf_tokens_per_s"] > 0 and result["hf_peak_mem_bytes"] > 0
-    assert result["speedup"] == pytest.approx(result["tokens_per_s"] / result["hf_tokens_per_s"])
-    assert result["memory_ratio"] == pytest.approx(result["peak_mem_bytes"] / result["hf_peak_mem_bytes"])
+    assert result["rounds"] == 2 and len(result["per_round"]) == 2
+    for r in result["per_round"]:  # each round's ratios are of that round's two sides
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+        assert r["memory_ratio"] == pytest.approx(r["peak_mem_bytes"] / r["hf_peak_mem_bytes"])
+    for key in ("speedup", "memory_ratio", "tokens_per_s", "hf_peak_mem_bytes"):
+        values = sorted(r[key] for r in result["per_round"])
+        assert result["ranges"][key] == [values[0], values[-1]]
+        assert result[key] == pytest.approx(sum(values) / 2)  # the median of two
 
 
 def test_bench_alternates_the_timed_steps_of_the_two_sides():
@@ -63,6 +71,26 @@ def test_bench_alternates_the_timed_steps_of_the_two_sides():
     medians = bench.time_sides({"ours": FakeSide("ours", 1.0), "hf": FakeSide("hf", 2.0)}, steps=3)
     assert order == ["ours", "hf"] * 3
     assert medians == {"ours": 1.0, "hf": 2.0}
+
+
+def test_bench_reports_the_median_and_range_of_the_rounds_ratios():
+    """Each ratio is taken in its round, then the median and min-max over the rounds; the side that
+    starts swaps every round."""
+    times = iter([(1.0, 2.0, 100, 200), (1.0, 4.0, 100, 400), (2.0, 2.0, 300, 200)])  # ours s, hf s, ours B, hf B
+    orders = []
+
+    def one_round(order):
+        orders.append(order)
+        ours, hf, ours_mem, hf_mem = next(times)
+        return {"ours": dict(step_s=ours, peak_mem_bytes=ours_mem), "hf": dict(step_s=hf, peak_mem_bytes=hf_mem)}
+
+    rounds = bench.run_rounds(one_round, 3, ["ours", "hf"])
+    assert orders == [["ours", "hf"], ["hf", "ours"], ["ours", "hf"]]
+    per_round, median, ranges = bench.summarize(rounds, tokens=10, flops=100.0, peak_flops=1000.0)
+    assert [r["speedup"] for r in per_round] == [2.0, 4.0, 1.0]  # ours tokens/s over theirs, per round
+    assert median["speedup"] == 2.0 and ranges["speedup"] == [1.0, 4.0]
+    assert median["memory_ratio"] == 0.5 and ranges["memory_ratio"] == [0.25, 1.5]
+    assert median["tokens_per_s"] == 10.0 and ranges["tokens_per_s"] == [5.0, 10.0]
 
 
 def test_bench_profile_lists_our_costliest_operations_by_shape(tiny_model):
