@@ -48,9 +48,10 @@ def atomic_folder(folder):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         yield tmp
-        for file in os.listdir(tmp):
-            with open(os.path.join(tmp, file), "rb") as f:
-                os.fsync(f.fileno())
+        for where, _, files in os.walk(tmp):
+            for file in files:
+                with open(os.path.join(where, file), "rb") as f:
+                    os.fsync(f.fileno())
     except BaseException as e:  # Ctrl-C included: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
@@ -113,8 +114,20 @@ def step_folder(step):
     return f"step_{step:07d}"
 
 
-def save_checkpoint(ckpt_dir, trainable, opt_state, progress, keep=None):
+def rng_state():
+    """The random number generators' states (dropout draws from them)."""
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def save_checkpoint(ckpt_dir, trainable, opt_state, progress, keep=None, shards=None, rngs=None):
     """ckpt_dir/step_N/{trainable,optimizer,rng}.safetensors + state.json, then ckpt_dir/latest -> step_N.
+    With FSDP, `shards` is the folder the ranks wrote their pieces of the weights and moments into
+    (parallel.save_sharded); it becomes step_N/sharded/ instead of the two safetensors files.
+    rngs: every rank's rng_state() under torchrun (each draws its own dropout masks): rank r's
+    as "torch_rng.rank{r}", rank 0's under the plain names.
 
     A kill at any moment leaves `latest` naming a complete folder: the new folder is fully written
     (and fsynced) under a temporary name before it is renamed, and `latest` changes by os.replace,
@@ -123,13 +136,15 @@ def save_checkpoint(ckpt_dir, trainable, opt_state, progress, keep=None):
     """
     name = step_folder(progress["step"])
     with atomic_folder(os.path.join(ckpt_dir, name)) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                  os.path.join(tmp, "trainable.safetensors"))
-        moments = {f"{kind}.{i}": t.cpu() for kind in ("m", "v") for i, t in enumerate(opt_state[kind])}
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda_rng"] = torch.cuda.get_rng_state()
-        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+        if shards:
+            os.replace(shards, os.path.join(tmp, "sharded"))
+        else:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                      os.path.join(tmp, "trainable.safetensors"))
+            moments = {f"{kind}.{i}": t.cpu() for kind in ("m", "v") for i, t in enumerate(opt_state[kind])}
+            save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+        rngs = rngs or [rng_state()]
+        rng = {**rngs[0], **{f"{k}.rank{r}": t for r, other in enumerate(rngs[1:], 1) for k, t in other.items()}}
         save_file(rng, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(progress, f, indent=2)
@@ -146,7 +161,8 @@ class DamagedCheckpoint(Exception):
 
 def read_checkpoint(folder):
     """(trainable tensors, optimizer moments, progress dict, rng tensors) of one step folder, or
-    DamagedCheckpoint naming the first file that is missing, truncated or not what it should be."""
+    DamagedCheckpoint naming the first file that is missing, truncated or not what it should be.
+    A sharded checkpoint (FSDP) gives the path of its sharded/ folder for the first, None for the second."""
     def tensors(name):
         path = os.path.join(folder, name)
         try:
@@ -165,14 +181,19 @@ def read_checkpoint(folder):
         raise DamagedCheckpoint(f"{path}: not valid JSON ({e})") from None
     if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
         raise DamagedCheckpoint(f"{path}: no step number in it")
-    trainable, moments = tensors("trainable.safetensors"), tensors("optimizer.safetensors")
     rng = tensors("rng.safetensors")
+    if "torch_rng" not in rng:
+        raise DamagedCheckpoint(f"{os.path.join(folder, 'rng.safetensors')}: no torch_rng in it")
+    sharded = os.path.join(folder, "sharded")
+    if os.path.isdir(sharded):  # read by each rank in place (parallel.load_sharded)
+        if not os.path.isfile(os.path.join(sharded, ".metadata")):
+            raise DamagedCheckpoint(f"{sharded}: no .metadata in it")
+        return sharded, None, progress, rng
+    trainable, moments = tensors("trainable.safetensors"), tensors("optimizer.safetensors")
     n = len(moments) // 2
     if set(moments) != {f"{kind}.{i}" for kind in ("m", "v") for i in range(n)} or n != len(trainable):
         raise DamagedCheckpoint(f"{os.path.join(folder, 'optimizer.safetensors')}: {len(moments)} moments "
                                 f"for {len(trainable)} trainable tensors")
-    if "torch_rng" not in rng:
-        raise DamagedCheckpoint(f"{os.path.join(folder, 'rng.safetensors')}: no torch_rng in it")
     opt_state = {kind: [moments[f"{kind}.{i}"] for i in range(n)] for kind in ("m", "v")}
     return trainable, opt_state, progress, rng
 

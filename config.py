@@ -82,6 +82,7 @@ class Config:
     kernels: str = "fast"           # fast | plain: the speed and memory layer (fast.py), or none of it
     grad_checkpointing: bool = False
     compile: bool = False           # torch.compile the model
+    parallel: str = "ddp"           # under torchrun: ddp (a whole copy per rank) | fsdp (FSDP2: 1/N each; parallel.py)
     # --- run folder, evaluation, checkpoints ----------------------------------------------------
     out_dir: str = "runs/default"
     log_every: int = 1
@@ -104,6 +105,7 @@ CHOICES = {
     "distill_on": ("prompt", "answer"),
     "kernels": ("fast", "plain"),
     "objective": ("sft", "dpo", "orpo"),
+    "parallel": ("ddp", "fsdp"),
 }
 
 

@@ -406,13 +406,14 @@ def load_adapter(model, folder, quantize_base=False):
     return model
 
 
-def merged_state_dict(model):
+def merged_state_dict(model, state_dict=None):
     """Our parameter names -> plain tensors, with every LoRA update folded in and every NF4 weight
     dequantized. For QLoRA the update goes into dequant(W_nf4), not into the original bf16 W:
     the adapter was trained to correct the 4-bit weight, and the original differs from it by
-    the quantization error, which the update has partly learnt to compensate."""
+    the quantization error, which the update has partly learnt to compensate. `state_dict`: the
+    model's, when given (parallel.whole_state_dict under FSDP)."""
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if ".lora_A." in name or ".lora_B." in name:
             continue
         state[name.replace(".base_layer.", ".")] = tensor
@@ -425,8 +426,8 @@ def merged_state_dict(model):
 
 
 @torch.no_grad()
-def save_merged(model, folder, dtype=None):
+def save_merged(model, folder, dtype=None, state_dict=None):
     """Write a plain HF folder (config.json, model.safetensors, tokenizer files) that transformers
     and model.load_model read; dtype defaults to the embeddings' dtype. The model is not changed."""
     dtype = dtype or model.embed_tokens.weight.dtype
-    return model_lib.save_model(model, folder, state_dict=merged_state_dict(model), dtype=dtype)
+    return model_lib.save_model(model, folder, state_dict=merged_state_dict(model, state_dict), dtype=dtype)

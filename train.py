@@ -40,15 +40,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 import fast
 import lora
 import memory
-from checkpoint import (atomic_folder, check_resume, load_checkpoint, read_metrics, record_changes, save_checkpoint,
-                        save_config, step_folder, write_loss_curve, write_metrics)
+import parallel
+from checkpoint import (atomic_folder, check_resume, load_checkpoint, read_metrics, record_changes, rng_state,
+                        save_checkpoint, save_config, step_folder, write_loss_curve, write_metrics)
 from config import ConfigError, check_out_folder, fetch_model, parse_cli, resolve_hardware, script
 from loss import (distillation_loss, dpo_loss, fused_cross_entropy, fused_distillation_loss, masked_cross_entropy,
                   orpo_loss, sequence_logps)
@@ -86,7 +86,7 @@ def adamw_step(params, state, step, lr, betas, eps, weight_decay):
     for p, m, v in zip(params, state["m"], state["v"]):
         if p.grad is None:
             continue
-        g = p.grad.float()
+        p, g, m, v = (parallel.local(t) for t in (p, p.grad.float(), m, v))  # FSDP: this rank's pieces
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         m_hat = m / (1 - b1 ** step)
@@ -99,10 +99,10 @@ def adamw_step(params, state, step, lr, betas, eps, weight_decay):
 def clip_grad_norm(params, max_norm):
     """Scale all gradients together so that their global L2 norm is at most max_norm."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads)) if grads else torch.tensor(0.0)
+    norm = parallel.grad_norm_squared(grads).sqrt()  # FSDP: each rank's pieces, summed over ranks
     if max_norm > 0 and norm > max_norm:
         for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
+            parallel.local(g).mul_(max_norm / (norm + 1e-6))
     return norm.item()
 
 
@@ -144,9 +144,16 @@ class Run:
         return self.rank == 0
 
     def save(self):
+        shards = None
+        if parallel.is_sharded(self.net):  # every rank writes its pieces; save_checkpoint moves them in
+            shards = os.path.join(self.ckpt_dir, ".shards")
+            parallel.save_sharded(shards, self.names, self.params, self.opt_state)
+        rngs = parallel.gather_to_all(rng_state(), self.world)  # each rank's: each draws its own dropout
         if self.is_main:
             self.last_ckpt = save_checkpoint(self.ckpt_dir, dict(zip(self.names, self.params)), self.opt_state,
-                                             self.progress, keep=self.last_ckpt)
+                                             self.progress, keep=self.last_ckpt, shards=shards, rngs=rngs)
+        if shards:
+            dist.barrier()  # no rank reads or writes the next checkpoint before this one is in place
 
 
 def setup(cfg, resume=False, allow_changes=False):
@@ -171,19 +178,22 @@ def setup(cfg, resume=False, allow_changes=False):
     check_objective(cfg, train_set + val_set)
     baseline = memory.rss_bytes() if device.type == "cpu" else 0  # python, torch, the data: before the model
     model = build_model(cfg, device)
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     log(lora.describe_trainable(model, cfg.method))
     longest = cfg.seq_len if cfg.packing == "packed" else int(data.example_lengths(train_set).max())
     estimate = memory.estimate_memory(model, cfg, baseline, longest, stats.trained_tokens["train"]
                                       / max(stats.tokens["train"], 1), device.type)
     log("memory estimate: " + memory.describe(estimate))
+    teacher = make_teacher(model, cfg, device, world) if cfg.distill_weight > 0 or cfg.objective == "dpo" else None
+    net = parallel.wrap(model, cfg, world)  # FSDP replaces the parameters by their sharded pieces
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     model.train()
-    run = Run(cfg, rank, world, device, log, tokenizer, train_set, val_set, stats, model,
-              net=DistributedDataParallel(model) if world > 1 else model, names=names, params=params,
-              teacher=make_teacher(model, cfg, device) if cfg.distill_weight > 0 or cfg.objective == "dpo" else None,
+    run = Run(cfg, rank, world, device, log, tokenizer, train_set, val_set, stats, model, net=net, names=names,
+              params=params, teacher=teacher, ckpt_dir=ckpt_dir, opt_state=adamw_init(params), memory=estimate,
               autocast=torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext(),
-              ckpt_dir=ckpt_dir, opt_state=adamw_init(params), memory=estimate,
               progress=dict(step=0, epoch=0, batch=0, best_val=None, evals_since_best=0))
+    held = parallel.state_bytes(model, params, run.opt_state)
+    log(("held by this process: " if world == 1 else f"{cfg.parallel} over {world} ranks; held by each: ")
+        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()) + f"; total {sum(held.values()):,} bytes")
     plan_training(run)
     if resume:
         restore_checkpoint(run)
@@ -253,10 +263,10 @@ def build_model(cfg, device):
     return model
 
 
-def make_teacher(model, cfg, device):
+def make_teacher(model, cfg, device, world=1):
     """For the distillation loss: a function batch -> (hidden, output weight) of the model as it
     was before fine-tuning. With LoRA that is the same model with its adapters switched off
-    (no extra memory); otherwise a second, frozen copy of the base model."""
+    (no extra memory); otherwise a second, frozen copy of the base model (sharded too with FSDP)."""
     if cfg.method in ("lora", "qlora"):
         frozen = model
     else:
@@ -264,6 +274,8 @@ def make_teacher(model, cfg, device):
                             device=device).requires_grad_(False)
         if cfg.kernels == "fast":
             fast.accelerate(frozen)
+        if cfg.parallel == "fsdp":
+            parallel.wrap(frozen, cfg, world)
 
     @torch.no_grad()
     def teacher(batch):
@@ -306,6 +318,13 @@ def restore_checkpoint(run):
     exactly as if it had never stopped."""
     weights, opt_state, run.progress, rng = load_checkpoint(run.ckpt_dir, run.log)
     run.last_ckpt = step_folder(run.progress["step"])
+    if isinstance(weights, str) != parallel.is_sharded(run.net):
+        raise ConfigError(f"--resume: the checkpoint in {run.ckpt_dir} was written "
+                          f"{'by FSDP' if isinstance(weights, str) else 'without FSDP'}; resume it as it ran "
+                          f"(parallel = 'fsdp' under torchrun, or not)")
+    if isinstance(weights, str):  # a sharded checkpoint (FSDP): every rank reads its pieces in place
+        parallel.load_sharded(weights, run.names, run.params, run.opt_state)
+        weights, opt_state = {n: p for n, p in zip(run.names, run.params)}, run.opt_state
     ours = {n: tuple(p.shape) for n, p in zip(run.names, run.params)}
     saved = {n: tuple(t.shape) for n, t in weights.items()}
     if ours != saved:  # method, lora_rank or lora_targets changed with --allow_changes
@@ -317,9 +336,10 @@ def restore_checkpoint(run):
         for n, p in zip(run.names, run.params):
             p.copy_(weights[n])
     run.opt_state = {k: [t.to(run.device) for t in v] for k, v in opt_state.items()}
-    torch.set_rng_state(rng["torch_rng"])
+    mine = lambda key: rng.get(f"{key}.rank{run.rank}", rng.get(key))  # noqa: E731  (each rank its own)
+    torch.set_rng_state(mine("torch_rng"))
     if "cuda_rng" in rng and run.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda_rng"])
+        torch.cuda.set_rng_state(mine("cuda_rng"))
     run.plan = plan_epoch(run, run.progress["epoch"])
     run.log(f"resumed from {run.ckpt_dir} at step {run.progress['step']}")
 
@@ -363,13 +383,15 @@ def sample_prompts(cfg, tokenizer, template, val_set, n=2):
     return prompts
 
 
-def print_samples(model, tokenizer, prompts, template, max_new_tokens=48):
-    """Greedy answers to the fixed prompts, to see what training does to the model."""
+def print_samples(model, tokenizer, prompts, template, show=True, max_new_tokens=48):
+    """Greedy answers to the fixed prompts, to see what training does to the model. With FSDP every
+    rank generates (each forward pass gathers weights from all of them), rank 0 shows."""
     if not prompts:
         return
     answers = generate(model, prompts, max_new_tokens, stop_ids=data.stop_ids(tokenizer, template))
     for prompt, answer in zip(prompts, answers):
-        tqdm.write(f"  ...{tokenizer.decode(prompt)[-60:]!r} -> {tokenizer.decode(answer)!r}")
+        if show:
+            tqdm.write(f"  ...{tokenizer.decode(prompt)[-60:]!r} -> {tokenizer.decode(answer)!r}")
 
 
 def peak_memory_bytes(device):
@@ -388,14 +410,21 @@ def add_neftune_noise(model, alpha):
     return model.embed_tokens.register_forward_hook(hook)
 
 
-def export(model, cfg, folder):
+def whole_state_dict(run):
+    """None (the model's own state_dict) unless FSDP has sharded it: then its whole weights,
+    inside parallel.gathered."""
+    return parallel.whole_state_dict(run.model) if parallel.is_sharded(run.net) else None
+
+
+def export(model, cfg, folder, state_dict=None):
     """The weights as users load them: a PEFT adapter folder (lora, qlora) or an HF folder, written
-    under a temporary name and renamed (a kill mid-export leaves no truncated file in `folder`)."""
+    under a temporary name and renamed (a kill mid-export leaves no truncated file in `folder`).
+    state_dict: the model's, when given (FSDP: parallel.whole_state_dict inside parallel.gathered)."""
     with atomic_folder(folder) as tmp:
         if cfg.method in ("lora", "qlora"):
             lora.save_adapter(model, tmp, base_model_path=os.path.abspath(cfg.model))
         else:
-            save_model(model, tmp, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+            save_model(model, tmp, state_dict, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,9 +443,9 @@ def step_loss(model, batch, cfg, counts, teacher=None):
     autograd tensor (loss.py). `model` may be wrapped for data parallelism (DDP's .module)."""
     if cfg.objective != "sft":
         return preference_loss(model, batch, cfg, counts, teacher)
-    head = (model.module if isinstance(model, DistributedDataParallel) else model).lm_head.weight  # (V, C)
     hidden = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"],
                    return_hidden=True)                                              # (B, T, C)
+    head = parallel.unwrap(model).lm_head.weight  # (V, C); after the forward: FSDP has gathered it then
     fused = cfg.kernels == "fast"  # the same sums, with no (N, V) logits kept for backward (loss.py)
     ce = (fused_cross_entropy if fused else masked_cross_entropy)(hidden, head, batch["targets"])
     ce = ce / max(counts["tokens"], 1)
@@ -433,9 +462,9 @@ def step_loss(model, batch, cfg, counts, teacher=None):
 def preference_loss(model, batch, cfg, counts, reference):
     """DPO or ORPO on a batch of pairs (data.collate_pairs: P chosen rows, then P rejected rows), both
     sides in one forward pass. DPO's reference is the model before this run (train.make_teacher)."""
-    head = (model.module if isinstance(model, DistributedDataParallel) else model).lm_head.weight  # (V, C)
     hidden = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"],
                    return_hidden=True)                                              # (2P, T, C)
+    head = parallel.unwrap(model).lm_head.weight  # (V, C); after the forward: FSDP has gathered it then
     logps, n = sequence_logps(hidden, head, batch["targets"])                      # (2P,), (2P,)
     P = batch["n_pairs"]
     sft = -logps[:P].sum() / max(counts["tokens"], 1)         # the chosen answers' SFT loss, per token
@@ -474,8 +503,8 @@ def train_step(run, step_rows):
     for i, rows in enumerate(step_rows):
         my_rows = rows[run.rank * cfg.batch_size:(run.rank + 1) * cfg.batch_size]
         batch = to_device(collate(run, run.train_set, my_rows), run.device)
-        sync = world == 1 or i == len(step_rows) - 1  # DDP: average gradients after the last only
-        with (nullcontext() if sync else run.net.no_sync()), run.autocast:
+        sync = i == len(step_rows) - 1  # DDP, FSDP: exchange gradients after the last only
+        with parallel.gradient_sync(run.net, sync), run.autocast:
             loss, shares = step_loss(run.net, batch, cfg, counts, run.teacher)
         (loss * world).backward()  # DDP averages gradients over ranks; times world makes that a sum
         metrics.update({k: v.item() for k, v in shares.items()})
@@ -505,11 +534,14 @@ def validate(run):
     run.model.eval()
     counts = {"tokens": sum(b["n_trained"] for b in run.val_batches),
               "pairs": sum(b.get("n_pairs", 0) for b in run.val_batches)}
-    total = 0.0
-    for batch in run.val_batches[run.rank::run.world]:
+    total, mine = 0.0, run.val_batches[run.rank::run.world]
+    if parallel.is_sharded(run.net):  # every rank must run as many forward passes (each gathers weights)
+        mine += [None] * (-(-len(run.val_batches) // run.world) - len(mine))
+    for batch in mine:
         with run.autocast:
             reference = run.teacher if run.cfg.objective == "dpo" else None
-            total += step_loss(run.model, to_device(batch, run.device), run.cfg, counts, reference)[1]["train_loss"].item()
+            share = step_loss(run.model, to_device(batch or run.val_batches[0], run.device), run.cfg, counts, reference)
+            total += share[1]["train_loss"].item() if batch else 0.0
     run.model.train()
     return all_reduce_sum([total], run.world)[0]
 
@@ -574,18 +606,21 @@ def fit(run, stop_after=0):
 
 def evaluate_and_keep_best(run, record):
     """Validation loss into the record; best/ gets the weights when it is the lowest so far."""
-    progress = run.progress
+    progress, sharded = run.progress, parallel.is_sharded(run.net)
     val = record["val_loss"] = validate(run)
     if progress["best_val"] is None or val < progress["best_val"]:
         progress.update(best_val=val, evals_since_best=0)
-        if run.is_main:
-            export(run.model, run.cfg, os.path.join(run.cfg.out_dir, "best"))
+        with parallel.gathered(run.net) if sharded else nullcontext():  # FSDP: the whole weights, for rank 0
+            if run.is_main:
+                export(run.model, run.cfg, os.path.join(run.cfg.out_dir, "best"), whole_state_dict(run))
     else:
         progress["evals_since_best"] += 1
     if run.is_main:
         tqdm.write(f"step {record['step']}: train loss {record['train_loss']:.4f}  val loss {val:.4f}"
                    f"  (best {progress['best_val']:.4f})")
-        print_samples(run.model, run.tokenizer, run.samples, run.stats.template)
+    if run.is_main or sharded:
+        print_samples(run.model, run.tokenizer, run.samples, run.stats.template, show=run.is_main)
+    if run.is_main:
         write_metrics(run.cfg.out_dir, [record], mode="a")
         write_loss_curve(run.cfg.out_dir)
 
@@ -603,13 +638,15 @@ def finish(run, stop):
             resumable = stop in (Stop.INTERRUPT, Stop.STOP_AFTER)
             log(f"stopped at step {run.progress['step']} of {run.total_steps}: {stop.value}"
                 + ("; continue with --resume" if resumable else ""))
-        if stop in (Stop.DONE, Stop.EARLY_STOP):
-            final = os.path.join(cfg.out_dir, "adapter" if cfg.method in ("lora", "qlora") else "model")
-            export(run.model, cfg, final)
-            if cfg.merge and cfg.method in ("lora", "qlora"):
-                with atomic_folder(os.path.join(cfg.out_dir, "merged")) as tmp:
-                    lora.save_merged(run.model, tmp)
-            log(f"wrote {final}")
+    if stop in (Stop.DONE, Stop.EARLY_STOP):
+        with parallel.gathered(run.net) if parallel.is_sharded(run.net) else nullcontext():  # every rank
+            if run.is_main:
+                final = os.path.join(cfg.out_dir, "adapter" if cfg.method in ("lora", "qlora") else "model")
+                export(run.model, cfg, final, whole_state_dict(run))
+                if cfg.merge and cfg.method in ("lora", "qlora"):
+                    with atomic_folder(os.path.join(cfg.out_dir, "merged")) as tmp:
+                        lora.save_merged(run.model, tmp, state_dict=whole_state_dict(run))
+                log(f"wrote {final}")
     if run.world > 1:
         dist.destroy_process_group()
     return EXIT_CODES[stop]
