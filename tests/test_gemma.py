@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-SHORT = ["--max_steps=1", "--batch_size=1", "--seq_len=96", "--truncation=drop", "--eval_every=0", "--save_every=100", "--warmup_steps=0"]
+SHORT = ["--max_steps=1", "--batch_size=1", "--seq_len=96", "--truncation=drop", "--eval_every=0", "--save_every=100",
+         "--warmup_steps=0"]
 
 
 def run(*args, stdin=None):
@@ -41,8 +42,8 @@ def test_train_and_eval_run_on_gemma_and_report_the_stop_rate(gemma_dir, gemma_r
     assert adapter_config["base_model_name_or_path"].endswith("gemma-3-270m")
     out = str(os.path.join(gemma_run, "eval"))
     # the config's model is models/gemma-3-270m (eval.py's --model names a whole fine-tuned model instead)
-    proc = run("eval.py", "--config", "configs/assistant.py", "--adapter", os.path.join(gemma_run, "adapter"), "--limit", "2",
-               "--max_new_tokens", "8", "--general_text=", "--mc_data=", "--json", "--out", out)
+    proc = run("eval.py", "--config", "configs/assistant.py", "--adapter", os.path.join(gemma_run, "adapter"),
+               "--limit", "2", "--max_new_tokens", "8", "--general_text=", "--mc_data=", "--json", "--out", out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for side in ("base", "tuned"):
