@@ -182,7 +182,8 @@ def setup(cfg, resume=False, allow_changes=False):
     longest = cfg.seq_len if cfg.packing == "packed" else int(data.example_lengths(train_set).max())
     estimate = memory.estimate_memory(model, cfg, baseline, longest, stats.trained_tokens["train"]
                                       / max(stats.tokens["train"], 1), device.type)
-    log("memory estimate: " + memory.describe(estimate))
+    sharded = world > 1 and cfg.parallel == "fsdp"  # the estimate is one process's: FSDP's held-by line follows
+    log(f"memory estimate{' of one whole process' if sharded else ''}: " + memory.describe(estimate))
     teacher = make_teacher(model, cfg, device, world) if cfg.distill_weight > 0 or cfg.objective == "dpo" else None
     net = parallel.wrap(model, cfg, world)  # FSDP replaces the parameters by their sharded pieces
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])

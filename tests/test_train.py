@@ -334,8 +334,11 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_naming_the_folder_exit_2_and
 
 
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tiny_model, tmp_path):
+    # Ctrl-C's default action in the child, however the tests were started (a shell's background job
+    # inherits SIGINT ignored, and python keeps an ignored SIGINT ignored)
     proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, f"--out_dir={tmp_path / 'run'}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # python is still importing torch (or, on a fast machine, setting up)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
