@@ -18,6 +18,7 @@ pieces' squares over ranks (`grad_norm_squared`). Checkpoints are written by eve
 with torch.distributed.checkpoint (each rank its pieces); exports gather the whole weights first.
 """
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,31 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nf4 import NF4Linear, NF4State
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; plain `python` runs one process (rank 0 of 1)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(values, world):
+    """Sum a list of floats over ranks (identity in a single process)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier():
+    dist.barrier()
+
+
+def finish():
+    dist.destroy_process_group()
 
 
 def wrap(model, cfg, world):

@@ -39,7 +39,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -153,7 +152,7 @@ class Run:
             self.last_ckpt = save_checkpoint(self.ckpt_dir, dict(zip(self.names, self.params)), self.opt_state,
                                              self.progress, keep=self.last_ckpt, shards=shards, rngs=rngs)
         if shards:
-            dist.barrier()  # no rank reads or writes the next checkpoint before this one is in place
+            parallel.barrier()  # no rank reads or writes the next checkpoint before this one is in place
 
 
 def setup(cfg, resume=False, allow_changes=False):
@@ -169,7 +168,7 @@ def setup(cfg, resume=False, allow_changes=False):
         raise ConfigError("--allow_changes goes with --resume")
     cfg.model = fetch_model(cfg.model)  # a Hub id becomes models/NAME, downloaded if absent
     changes = check_resume(cfg, allow_changes) if resume else {}
-    rank, world = setup_distributed()
+    rank, world = parallel.setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     device = setup_hardware(cfg, world, log)
     torch.manual_seed(cfg.seed)
@@ -225,9 +224,7 @@ def setup_hardware(cfg, world, log):
     check_resume; every rank takes rank 0's choice)."""
     device, cfg.dtype = resolve_hardware(cfg, log)
     if world > 1:
-        choice = [cfg.dtype]
-        dist.broadcast_object_list(choice, src=0)
-        cfg.dtype = choice[0]
+        cfg.dtype = parallel.gather_to_all(cfg.dtype, world)[0]
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
@@ -347,23 +344,6 @@ def restore_checkpoint(run):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: processes, devices, logging, export
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; plain `python` runs one process (rank 0 of 1)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_reduce_sum(values, world):
-    """Sum a list of floats over ranks (identity in a single process)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def to_device(batch, device):
@@ -511,7 +491,7 @@ def train_step(run, step_rows):
         metrics.update({k: v.item() for k, v in shares.items()})
         tokens += batch["n_tokens"]
     names = sorted(metrics)
-    *values, tokens = all_reduce_sum([metrics[k] for k in names] + [tokens], world)
+    *values, tokens = parallel.all_reduce_sum([metrics[k] for k in names] + [tokens], world)
     metrics = dict(zip(names, values))
     grad_norm = clip_grad_norm(run.params, cfg.grad_clip)
     if not (math.isfinite(metrics["train_loss"]) and math.isfinite(grad_norm)):  # never apply such a step
@@ -544,7 +524,7 @@ def validate(run):
             share = step_loss(run.model, to_device(batch or run.val_batches[0], run.device), run.cfg, counts, reference)
             total += share[1]["train_loss"].item() if batch else 0.0
     run.model.train()
-    return all_reduce_sum([total], run.world)[0]
+    return parallel.all_reduce_sum([total], run.world)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +629,7 @@ def finish(run, stop):
                         lora.save_merged(run.model, tmp, state_dict=whole_state_dict(run))
                 log(f"wrote {final}")
     if run.world > 1:
-        dist.destroy_process_group()
+        parallel.finish()
     return EXIT_CODES[stop]
 
 
