@@ -234,14 +234,19 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = (ScaledEmbedding if cfg.gemma else nn.Embedding)(cfg.vocab_size, cfg.hidden_size)
+        # the weights are read from the checkpoint (load_model): no random init. (nn.Embedding's own,
+        # normal_ on the "meta" device, would import torch's compiler stack: seconds at every start)
+        embedding = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = (ScaledEmbedding if cfg.gemma else nn.Embedding)(cfg.vocab_size, cfg.hidden_size,
+                                                                             _weight=embedding)
         self.layers = nn.ModuleList((GemmaBlock if cfg.gemma else Block)(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # RoPE frequencies: plain fp32 tensors, not buffers, so model.to(bf16) cannot round them.
-        self.inv_freq = rope_tables(cfg)
+        with torch.device("cpu"):  # computed even when the model is built on "meta" (load_model)
+            self.inv_freq = rope_tables(cfg)
         self.grad_checkpointing = False  # recompute each block in backward to save activations
         self.source_dir = None           # the folder the weights came from (set by load_model)
 
@@ -358,10 +363,11 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     dtype = as_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty gives each module new storage: tie again
+    for module in model.modules():  # empty storage for each weight (not to_empty(): it costs seconds of imports)
+        for name, p in module.named_parameters(recurse=False):
+            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device)))
+    if cfg.tie_word_embeddings:  # each module got new storage: tie again
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_tables(cfg)  # they were made on "meta" above
     params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
     filled, skipped = set(), 0
     for file in checkpoint_files(path):
