@@ -481,13 +481,13 @@ def plan_batches(examples, batch_size, seq_len, packing="none", seed=0, epoch=0)
         raise ValueError(f"an example has {lengths.max()} tokens > seq_len={seq_len}")
     order = rng.permutation(len(examples))
     if packing == "none":
-        chunk = 64 * batch_size
-        order = np.concatenate([sorted(order[s:s + chunk], key=lambda i: lengths[i])
-                                for s in range(0, len(order), chunk)] or [order]).astype(int)
+        chunk = np.arange(len(order)) // (64 * batch_size)
+        order = order[np.lexsort((lengths[order], chunk))]  # by chunk, then by length (a stable sort)
         rows = [[int(i)] for i in order]
         batches = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     elif packing == "packed":
         rows, space = [], []  # space: sorted (free tokens, row index) of the rows that still have room
+        shortest = max(int(lengths.min()), 1) if len(lengths) else 1  # a row with less room is full for good
         for i in order:
             n = int(lengths[i])
             k = bisect.bisect_left(space, (n, -1))  # the fullest row with room for n more tokens
@@ -497,7 +497,7 @@ def plan_batches(examples, batch_size, seq_len, packing="none", seed=0, epoch=0)
             else:
                 free, row = space.pop(k)
             rows[row].append(int(i))
-            if free > n:
+            if free - n >= shortest:
                 bisect.insort(space, (free - n, row))
         rng.shuffle(rows)
         batches = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
