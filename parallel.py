@@ -32,6 +32,8 @@ def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE; plain `python` runs one process (rank 0 of 1)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
+    if torch.cuda.is_available():  # each rank its GPU, before any collective uses one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -88,13 +90,12 @@ def is_sharded(net):
 
 @contextlib.contextmanager
 def gradient_sync(net, sync):
-    """Gradient accumulation: exchange gradients only after the last micro-batch of a step."""
+    """Gradient accumulation under DDP: exchange gradients only after the last micro-batch of a step.
+    FSDP sums each micro-batch's gradients into the pieces at once (reduce-scatter): keeping whole
+    gradients until the last one would hold a whole copy on every rank, which sharding is there to avoid."""
     if isinstance(net, DistributedDataParallel) and not sync:
         with net.no_sync():
             yield
-    elif is_sharded(net):
-        net.set_requires_gradient_sync(sync)
-        yield
     else:
         yield
 
@@ -123,7 +124,8 @@ def state_bytes(model, params, opt_state):
 
 def sharded_state(names, params, opt_state):
     """What a sharded checkpoint holds, by name: torch.distributed.checkpoint writes each rank's
-    pieces and reads them back in place, into a run with any number of ranks."""
+    pieces and reads them back in place (an exact resume takes the same number of ranks: the data
+    plan depends on it)."""
     return {"trainable": dict(zip(names, params)), "m": dict(zip(names, opt_state["m"])),
             "v": dict(zip(names, opt_state["v"]))}
 
@@ -136,6 +138,13 @@ def save_sharded(folder, names, params, opt_state):
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     dcp.save(sharded_state(names, params, opt_state), checkpoint_id=folder)
+
+
+def sharded_shapes(folder):
+    """{name: shape} of the trainable tensors a sharded checkpoint holds (its .metadata alone)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {k[len("trainable."):]: tuple(m.size) for k, m in meta.items() if k.startswith("trainable.")}
 
 
 def load_sharded(folder, names, params, opt_state):
@@ -187,6 +196,14 @@ class ShardedNF4Linear(NF4Linear):
         return NF4State(*(self._parameters.get(name) for name in self.PIECES), self.nf4_shape, self.nf4_blocksize)
 
 
+def sharded_class(cls, made={}):  # noqa: B006  (one class per NF4 class, made once)
+    """ShardedNF4Linear's `nf4` with cls's forward (NF4Linear's, or its fast twin's in fast.py)."""
+    if cls not in made:
+        made[cls] = cls if issubclass(cls, ShardedNF4Linear) else type("Sharded" + cls.__name__,
+                                                                         (ShardedNF4Linear, cls), {})
+    return made[cls]
+
+
 def shard_nf4(model):
     """Every NF4Linear (or its fast twin) becomes a ShardedNF4Linear; no whole copy of its bytes
     stays behind on any rank."""
@@ -198,4 +215,4 @@ def shard_nf4(model):
                 if t is not None:  # a 0-d offset becomes (1,): fully_shard cuts along dim 0
                     module.register_parameter(name, nn.Parameter(t.reshape(-1), requires_grad=False))
             module.nf4_shape, module.nf4_blocksize = s.shape, s.blocksize
-            module.__class__ = ShardedNF4Linear
+            module.__class__ = sharded_class(type(module))

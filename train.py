@@ -320,20 +320,21 @@ def restore_checkpoint(run):
         raise ConfigError(f"--resume: the checkpoint in {run.ckpt_dir} was written "
                           f"{'by FSDP' if isinstance(weights, str) else 'without FSDP'}; resume it as it ran "
                           f"(parallel = 'fsdp' under torchrun, or not)")
-    if isinstance(weights, str):  # a sharded checkpoint (FSDP): every rank reads its pieces in place
-        parallel.load_sharded(weights, run.names, run.params, run.opt_state)
-        weights, opt_state = {n: p for n, p in zip(run.names, run.params)}, run.opt_state
     ours = {n: tuple(p.shape) for n, p in zip(run.names, run.params)}
-    saved = {n: tuple(t.shape) for n, t in weights.items()}
+    sharded = isinstance(weights, str)  # FSDP: the path of the pieces, read below by every rank in place
+    saved = parallel.sharded_shapes(weights) if sharded else {n: tuple(t.shape) for n, t in weights.items()}
     if ours != saved:  # method, lora_rank or lora_targets changed with --allow_changes
         name = (sorted(ours.keys() ^ saved.keys()) or sorted(n for n in ours if ours[n] != saved[n]))[0]
         raise ConfigError(f"--resume: the checkpoint's {len(saved)} tensors do not fit the {len(ours)} this run trains "
                           f"({name}: {saved.get(name, 'absent')} in {run.ckpt_dir}, {ours.get(name, 'absent')} here); "
                           f"method, lora_rank and lora_targets must be those the run started with")
-    with torch.no_grad():
-        for n, p in zip(run.names, run.params):
-            p.copy_(weights[n])
-    run.opt_state = {k: [t.to(run.device) for t in v] for k, v in opt_state.items()}
+    if sharded:
+        parallel.load_sharded(weights, run.names, run.params, run.opt_state)
+    else:
+        with torch.no_grad():
+            for n, p in zip(run.names, run.params):
+                p.copy_(weights[n])
+        run.opt_state = {k: [t.to(run.device) for t in v] for k, v in opt_state.items()}
     mine = lambda key: rng.get(f"{key}.rank{run.rank}", rng.get(key))  # noqa: E731  (each rank its own)
     torch.set_rng_state(mine("torch_rng"))
     if "cuda_rng" in rng and run.device.type == "cuda":
@@ -576,9 +577,10 @@ def fit(run, stop_after=0):
             elif run.is_main and (progress["step"] % cfg.log_every == 0 or done):
                 write_metrics(cfg.out_dir, [record], mode="a")
             patience = cfg.early_stopping_patience
+            ctrl_c = parallel.all_reduce_sum([len(interrupted)], run.world)[0] > 0  # on any rank: all stop
             stop = (Stop.DONE if done else
                     Stop.EARLY_STOP if patience and progress["evals_since_best"] >= patience else
-                    Stop.INTERRUPT if interrupted else
+                    Stop.INTERRUPT if ctrl_c else
                     Stop.STOP_AFTER if steps_run == stop_after else None)
             if stop or progress["step"] % cfg.save_every == 0:
                 run.save()
@@ -599,8 +601,10 @@ def evaluate_and_keep_best(run, record):
     if run.is_main:
         tqdm.write(f"step {record['step']}: train loss {record['train_loss']:.4f}  val loss {val:.4f}"
                    f"  (best {progress['best_val']:.4f})")
-    if run.is_main or sharded:
+    if run.is_main or sharded:  # FSDP: every rank generates (each forward gathers weights from all), in
+        run.model.train(not sharded)  # eval mode: no dropout, so all draw the same tokens, the same passes
         print_samples(run.model, run.tokenizer, run.samples, run.stats.template, show=run.is_main)
+        run.model.train()
     if run.is_main:
         write_metrics(run.cfg.out_dir, [record], mode="a")
         write_loss_curve(run.cfg.out_dir)
