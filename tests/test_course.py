@@ -38,9 +38,9 @@ def lesson_command(path):
     return found[0]
 
 
-def test_there_are_ten_lessons_each_with_the_command_of_its_number():
-    assert [os.path.basename(p)[:2] for p in LESSONS] == [f"{n:02d}" for n in range(1, 11)]
-    assert [lesson_command(p) for p in LESSONS] == [str(n) for n in range(1, 11)]
+def test_there_are_eleven_lessons_each_with_the_command_of_its_number():
+    assert [os.path.basename(p)[:2] for p in LESSONS] == [f"{n:02d}" for n in range(1, 12)]
+    assert [lesson_command(p) for p in LESSONS] == [str(n) for n in range(1, 12)]
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: os.path.basename(p)[:-3])

@@ -343,3 +343,10 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tiny_model, tmp_pa
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stdout + stderr
+
+
+def test_min_lr_above_lr_is_warned_about(tiny_model, tmp_path):
+    # an lr lowered on the command line and the config's min_lr left above it: the cosine would rise
+    proc = run_train(["--max_steps=1", "--lr=5e-5", "--min_lr=1e-4"], str(tmp_path / "run"))
+    assert "warning: min_lr 0.0001 is above lr 5e-05" in proc.stderr
+    assert "warning: min_lr" not in run_train(["--max_steps=1"], str(tmp_path / "run2")).stderr
