@@ -543,6 +543,13 @@ def lesson_11(c):
                      pct(tuned["pref_accuracy"]), num(tuned["forgetting_ppl"], ".3f"),
                      f"{tuned['forgetting_ppl'] / base['forgetting_ppl'] - 1:+.1%}"])
     dpo = runs[1][3]["tuned"]
+    curves = []  # what each preference run logged at its validation steps (metrics.jsonl)
+    for label, name in [("SFT, then DPO", "11_sft_dpo"), ("ORPO alone", "11_orpo")]:
+        for m in sweep.read_jsonl(os.path.join(c.run_dir(name), "metrics.jsonl")):
+            if m["step"] == 1 or "val_loss" in m:
+                curves.append([label, m["step"], num(m["train_loss"]), num(m.get("val_loss")),
+                               pct(m["reward_accuracy"]), num(m["reward_margin"], ".3f"),
+                               num(m["logp_chosen"], ".2f"), num(m["logp_rejected"], ".2f")])
     body = ["## Exact match and field accuracy on the demo's 200 test examples, and the forgetting check", "",
             table(["model", "training minutes", "exact match", "field accuracy",
                    "held-out pairs: chosen more likely", "general-text ppl", "vs base"], rows), "",
@@ -550,7 +557,14 @@ def lesson_11(c):
             f"{pct(dpo['reward_accuracy'])}, mean reward margin {num(dpo['reward_margin'], '.3f')}.", "",
             "Field accuracy by field (test set): " + "; ".join(
                 f"{label}: " + ", ".join(f"{k} {pct(v)}" for k, v in e["tuned"]["field_accuracy_by_field"].items())
-                for label, _, _, e in runs if "field_accuracy_by_field" in e["tuned"]) + "."]
+                for label, _, _, e in runs if "field_accuracy_by_field" in e["tuned"]) + ".", "",
+            "## The preference runs' training (metrics.jsonl, on the training pairs of each step; val loss on 13 "
+            "batches of held-out pairs)", "",
+            table(["run", "step", "train loss", "val loss", "reward accuracy", "reward margin",
+                   "log p(chosen)", "log p(rejected)"], curves), "",
+            "Log-probabilities are summed over each answer's trained tokens and averaged over the step's pairs. "
+            "DPO's rewards are β (log π - log π_ref); ORPO's columns compare the answers' mean log-probability "
+            "per token (its length normalization) instead."]
     c.write(11, "preference", "preference tuning after SFT: DPO and ORPO", body)
 
 
