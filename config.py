@@ -337,9 +337,11 @@ def naming(path):
 
 def quiet_ctrl_c(name):
     """Call it first thing in a script, with __name__: Ctrl-C while the slow imports load (torch takes
-    seconds) exits with 130 and no traceback. script() gives main() Python's KeyboardInterrupt back."""
+    seconds) exits with 130 and no traceback. script() gives main() Python's KeyboardInterrupt back.
+    os._exit, not sys.exit: an exception raised inside torch's C++ import code would abort the process."""
     if name == "__main__":
-        signal.signal(signal.SIGINT, lambda *a: (print("interrupted", file=sys.stderr), sys.exit(EXIT_INTERRUPT)))
+        signal.signal(signal.SIGINT, lambda *a: (print("interrupted", file=sys.stderr, flush=True),
+                                                 os._exit(EXIT_INTERRUPT)))
 
 
 def script(main):

@@ -2,9 +2,8 @@
 
 Held for the whole run:
     baseline         measured: the process's RSS before the model is loaded (python, torch, the data)
-    runtime (CPU)    70 MiB that torch adds with the first model whatever its size: building it on the
-                     "meta" device imports torch's compiler stack (nn.init.normal_ there loads
-                     torch._dynamo, sympy, ...), then kernels and thread pools start
+    runtime (CPU)    34 MiB that torch adds with the first model whatever its size: kernels and thread
+                     pools starting (load_model no longer imports torch's compiler stack, 36 MiB more)
     weights          each parameter in its dtype; QLoRA's block linears as their NF4 bytes
     gradients        fp32, one per trainable parameter
     optimizer        AdamW's m and v: fp32, two per trainable parameter
@@ -35,7 +34,7 @@ import lora
 from nf4 import NF4Linear
 
 ALLOCATOR_HOLES = 0.7  # CPU: RSS kept by heap holes, as a share of the activations (measured, see above)
-RUNTIME = 70 * 2**20   # CPU: what torch adds once a model is built and run (measured, see above)
+RUNTIME = 34 * 2**20   # CPU: what torch adds once a model is built and run (measured, see above)
 LOSS_CHUNK = 128       # loss.CHUNK_ROWS: rows of logits the fused losses hold at a time
 
 

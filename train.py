@@ -520,7 +520,7 @@ def validate(run):
     counts = {"tokens": sum(b["n_trained"] for b in run.val_batches),
               "pairs": sum(b.get("n_pairs", 0) for b in run.val_batches)}
     total, mine = 0.0, run.val_batches[run.rank::run.world]
-    if parallel.is_sharded(run.net):  # every rank must run as many forward passes (each gathers weights)
+    if parallel.is_sharded(run.model):  # (FSDP turns the model itself into its sharded module)  # every rank must run as many forward passes (each gathers weights)
         mine += [None] * (-(-len(run.val_batches) // run.world) - len(mine))
     for batch in mine:
         with run.autocast:
