@@ -2,8 +2,8 @@
 
 Held for the whole run:
     baseline         measured: the process's RSS before the model is loaded (python, torch, the data)
-    runtime (CPU)    34 MiB that torch adds with the first model whatever its size: kernels and thread
-                     pools starting (load_model no longer imports torch's compiler stack, 36 MiB more)
+    runtime (CPU)    what torch adds with the first model whatever its size: kernels and thread pools
+                     starting
     weights          each parameter in its dtype; QLoRA's block linears as their NF4 bytes
     gradients        fp32, one per trainable parameter
     optimizer        AdamW's m and v: fp32, two per trainable parameter

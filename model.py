@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         # the weights are read from the checkpoint (load_model): no random init. (nn.Embedding's own,
-        # normal_ on the "meta" device, would import torch's compiler stack: seconds at every start)
+        # normal_ on the "meta" device, would import torch's compiler stack at every start)
         embedding = torch.empty(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens = (ScaledEmbedding if cfg.gemma else nn.Embedding)(cfg.vocab_size, cfg.hidden_size,
                                                                              _weight=embedding)

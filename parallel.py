@@ -196,12 +196,15 @@ class ShardedNF4Linear(NF4Linear):
         return NF4State(*(self._parameters.get(name) for name in self.PIECES), self.nf4_shape, self.nf4_blocksize)
 
 
-def sharded_class(cls, made={}):  # noqa: B006  (one class per NF4 class, made once)
+SHARDED_CLASSES = {}  # one class per NF4 class, made once
+
+
+def sharded_class(cls):
     """ShardedNF4Linear's `nf4` with cls's forward (NF4Linear's, or its fast twin's in fast.py)."""
-    if cls not in made:
-        made[cls] = cls if issubclass(cls, ShardedNF4Linear) else type("Sharded" + cls.__name__,
-                                                                         (ShardedNF4Linear, cls), {})
-    return made[cls]
+    if cls not in SHARDED_CLASSES:
+        SHARDED_CLASSES[cls] = cls if issubclass(cls, ShardedNF4Linear) else type(
+            "Sharded" + cls.__name__, (ShardedNF4Linear, cls), {})
+    return SHARDED_CLASSES[cls]
 
 
 def shard_nf4(model):

@@ -49,8 +49,9 @@ def make_tiny_model(out, tokenizer_dir, hidden_size=64, layers=2, heads=4, kv_he
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     torch.manual_seed(seed)
-    torch.empty(config["vocab_size"], hidden_size).normal_()  # the draws nn.Embedding's own init made
-    model = Transformer(read_config(out))                        # (model.py now skips it): the same weights
+    # the draws nn.Embedding's own init would make (Transformer skips it), so a seed keeps its weights
+    torch.empty(config["vocab_size"], hidden_size).normal_()
+    model = Transformer(read_config(out))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
