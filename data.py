@@ -24,6 +24,8 @@ from config import quiet_ctrl_c
 quiet_ctrl_c(__name__)  # first: Ctrl-C while torch loads (seconds) exits 130, no traceback
 
 import bisect
+import functools
+import gc
 import json
 import os
 import re
@@ -468,6 +470,23 @@ def example_lengths(examples):
 # 3. Batches: a deterministic plan (indices), then collate (tensors)
 
 
+def without_gc(fn):
+    """fn with Python's cyclic garbage collector paused: for a builder of a million small lists that
+    hold no reference cycles (the collector finds nothing in them, yet walks them again and again
+    as they grow)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        was_on = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_on:
+                gc.enable()
+    return wrapped
+
+
+@without_gc
 def plan_batches(examples, batch_size, seq_len, packing="none", seed=0, epoch=0):
     """The batches of one epoch as example indices: [batch][row][example index]. The same (seed, epoch)
     always gives the same plan, so a resumed run continues exactly and ranks can take plan[rank::world].
@@ -483,20 +502,20 @@ def plan_batches(examples, batch_size, seq_len, packing="none", seed=0, epoch=0)
     if packing == "none":
         chunk = np.arange(len(order)) // (64 * batch_size)
         order = order[np.lexsort((lengths[order], chunk))]  # by chunk, then by length (a stable sort)
-        rows = [[int(i)] for i in order]
-        batches = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+        full = len(order) // batch_size * batch_size  # numpy builds the nested lists, not a loop per row
+        batches = order[:full].reshape(-1, batch_size, 1).tolist()
+        batches += [order[full:, None].tolist()] if full < len(order) else []
     elif packing == "packed":
         rows, space = [], []  # space: sorted (free tokens, row index) of the rows that still have room
         shortest = max(int(lengths.min()), 1) if len(lengths) else 1  # a row with less room is full for good
-        for i in order:
-            n = int(lengths[i])
+        for i, n in zip(order.tolist(), lengths[order].tolist()):  # Python ints: no numpy scalar per step
             k = bisect.bisect_left(space, (n, -1))  # the fullest row with room for n more tokens
             if k == len(space):
                 rows.append([])
                 free, row = seq_len, len(rows) - 1
             else:
                 free, row = space.pop(k)
-            rows[row].append(int(i))
+            rows[row].append(i)
             if free - n >= shortest:
                 bisect.insort(space, (free - n, row))
         rng.shuffle(rows)
