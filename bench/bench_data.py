@@ -11,7 +11,10 @@ train.py does with the data before its first step), and the RSS above the proces
 loading (python, torch, the tokenizer): at its peak and after loading (the examples still held);
 the plans' own time and RSS come apart. A build's worker processes are measured apart (their CPU
 time, their largest peak RSS, which counts the pages they share with the parent after the fork).
---later-only measures a later start alone, with the cache of an earlier run.
+--later-only measures a later start alone, with the cache of an earlier run. --first-step N times
+train.py itself on the records (configs/demo.py, `--val_data=`, 5 validation batches) from the start
+of the process to its first optimizer step, which it does not run: a start that builds that config's
+cache, then N alternated rounds of later starts with each packing (median and min-max).
 """
 import argparse
 import json
@@ -19,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -86,6 +90,32 @@ def measure(args, path, cache, env):
     return json.loads(out.stdout.split("BENCH ", 1)[1])
 
 
+FIRST_STEP = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import train
+def first_step(run, rows):  # the first optimizer step is where the start ends
+    print(f"FIRST_STEP {{time.time() - {start!r}:.3f}}", flush=True)
+    os._exit(0)
+train.train_step = first_step
+sys.exit(train.main({argv!r}))
+"""
+
+
+def first_step_seconds(path, packing, env):
+    """Seconds from a fresh process's start to train.py's first optimizer step on the records."""
+    out_dir = os.path.join(ROOT, ".cache", "bench", f"first-step-{os.getpid()}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    argv = ["--config", "configs/demo.py", f"--train_data={path}", "--val_data=", "--eval_batches=5",
+            f"--packing={packing}", f"--out_dir={out_dir}"]
+    code = FIRST_STEP.format(root=ROOT, start=time.time(), argv=argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if "FIRST_STEP " not in out.stdout:
+        sys.exit(f"bench_data: train.py did not reach its first step:\n{out.stderr[-3000:]}")
+    return float(out.stdout.split("FIRST_STEP ", 1)[1].split()[0])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--records", type=int, default=100_000)
@@ -94,6 +124,8 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="build processes (0: the CPUs this process may use)")
     p.add_argument("--skip-nocache", action="store_true", help="leave out the run without a cache (slow)")
     p.add_argument("--later-only", action="store_true", help="only a later start, mapping the cache left before")
+    p.add_argument("--first-step", type=int, default=0, metavar="N",
+                   help="instead: train.py to its first step, N alternated rounds of each packing")
     args = p.parse_args()
     path = os.path.join(ROOT, ".cache", "bench", f"alpaca_{args.records}.jsonl")
     if not os.path.isfile(path):
@@ -110,6 +142,18 @@ def main():
     print(f"machine: {cpu}, {len(os.sched_getaffinity(0))} CPUs, {'with' if ' amx_tile' in info else 'without'} AMX; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     print(f"data: {path}: {args.records:,} records, {os.path.getsize(path) / 1e6:.1f} MB")
+    if args.first_step:
+        print(f"first start (builds the cache of configs/demo.py's settings): "
+              f"{first_step_seconds(path, 'none', env):.1f} s to the first step")
+        times = {"none": [], "packed": []}
+        for r in range(args.first_step):
+            for packing in (("none", "packed") if r % 2 == 0 else ("packed", "none")):
+                times[packing].append(first_step_seconds(path, packing, env))
+        for packing, t in times.items():
+            print(f"later start, packing {packing}: {statistics.median(t):.2f} s to the first step "
+                  f"({min(t):.2f}-{max(t):.2f}, {len(t)} rounds)")
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        return
     runs = {}
     if not (args.skip_nocache or args.later_only):
         runs["no cache (data_cache = False)"] = measure(args, path, False, env)

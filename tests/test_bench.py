@@ -1,5 +1,6 @@
 """bench.py: its interface and what it reports (the numbers themselves are measured, not tested)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,15 @@ def test_make_tiny_model_writes_the_shapes_and_dtype_it_is_given(tmp_path, real_
             cfg.vocab_size, cfg.rope_theta) == (32, 3, 1, 48, 1000, 500000.0)
     with safe_open(f"{folder}/model.safetensors", "pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+
+
+def test_bench_data_times_train_py_from_its_start_to_its_first_step(real_model_dir):
+    out = subprocess.run([sys.executable, "bench/bench_data.py", "--records", "200", "--first-step", "1"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "AMX" in out  # the CPU is named, with or without AMX
+    first = re.search(r"first start \(builds the cache.*\): ([\d.]+) s to the first step", out)
+    assert first and 0 < float(first.group(1)) < 300, out
+    for packing in ("none", "packed"):
+        later = re.search(rf"later start, packing {packing}: ([\d.]+) s to the first step \(([\d.]+)-([\d.]+), 1 rounds\)",
+                          out)
+        assert later and 0 < float(later.group(2)) == float(later.group(1)) == float(later.group(3)) < 300, out
