@@ -1,7 +1,8 @@
 """memory.py: the memory estimate printed before training. Its activations are the bytes autograd really
 keeps after a forward pass, for each method, kernels, dtype and checkpointing; the whole estimate is
-within 25% of the peak RSS a run on the tiny config measures (the bench shapes and the demo config:
-docs/results/memory_estimate.md, measured with bench.py and train.py, which print both)."""
+within 25% of the peak RSS a run on the tiny config and on the demo config measures (the bench shapes
+and more settings: docs/results/memory_estimate.md, measured with bench.py and train.py, which print
+both)."""
 import re
 import subprocess
 import sys
@@ -89,11 +90,15 @@ def test_the_parts_follow_the_settings(small_model_dir):
     assert memory.estimate_memory(prepared(small_model_dir, cfg), cfg, 0, 64, 0.5, "cuda")["allocator"] == 0
 
 
-def test_the_estimate_holds_on_the_tiny_config(tiny_model, tmp_path):
+@pytest.mark.parametrize("config, model", [("configs/tiny.py", "tiny_model"), ("configs/demo.py", "real_model_dir")])
+def test_the_estimate_holds_on_the_tiny_and_the_demo_config(config, model, request, tmp_path):
     """train.py prints the estimate before training and the peak at the end, both also above the
-    process's baseline (its RSS before the model is loaded): within 25% of each other there."""
-    out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", f"--out_dir={tmp_path / 'run'}",
-                          "--max_steps=3", "--eval_every=3", "--save_every=3"],
+    process's baseline (its RSS before the model is loaded): within 25% of each other there. The
+    demo config: SmolLM2-135M-Instruct, LoRA, two steps with a validation and its sample answers."""
+    request.getfixturevalue(model)
+    steps = 3 if "tiny" in config else 2
+    out = subprocess.run([sys.executable, "train.py", "--config", config, f"--out_dir={tmp_path / 'run'}",
+                          f"--max_steps={steps}", f"--eval_every={steps}", f"--save_every={steps}"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     found = re.search(r"peak memory: (\d+) MiB \(peak RSS\), estimated (\d+) MiB; above the baseline of (\d+) MiB: "
                       r"(\d+) MiB, estimated (\d+)", out)
