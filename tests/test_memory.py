@@ -1,8 +1,9 @@
 """memory.py: the memory estimate printed before training. Its activations are the bytes autograd really
 keeps after a forward pass, for each method, kernels, dtype and checkpointing; the whole estimate is
-within 25% of the peak RSS a run on the tiny config and on the demo config measures (the bench shapes
-and more settings: docs/results/memory_estimate.md, measured with bench.py and train.py, which print
+within 25% of the peak RSS a run measures on the tiny config, the demo config and the bench shapes
+(more settings: docs/results/memory_estimate.md, measured with bench.py and train.py, which print
 both)."""
+import json
 import re
 import subprocess
 import sys
@@ -106,3 +107,14 @@ def test_the_estimate_holds_on_the_tiny_and_the_demo_config(config, model, reque
     peak, estimate, baseline, peak_above, estimate_above = map(int, found.groups())
     assert 0.75 <= estimate_above / peak_above <= 1.25, found.group(0)
     assert 0.75 <= estimate / peak <= 1.25
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_the_estimate_holds_on_the_bench_shapes(real_model_dir, method):
+    """bench.py's shapes (SmolLM2-135M-Instruct, batch 4 x 256 tokens) for each method: train.py's
+    estimate within 25% of the peak RSS a step measures, both above the process's baseline."""
+    out = subprocess.run([sys.executable, "bench/bench.py", "--model", real_model_dir, "--method", method,
+                          "--dtype", "float32", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert 0.75 <= result["estimate_ratio"] <= 1.25, result
