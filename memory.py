@@ -34,7 +34,7 @@ import lora
 from nf4 import NF4Linear
 
 ALLOCATOR_HOLES = 0.7  # CPU: RSS kept by heap holes, as a share of the activations (measured, see above)
-RUNTIME = 34 * 2**20   # CPU: what torch adds once a model is built and run (measured, see above)
+RUNTIME = 34 * 2**20   # CPU: what torch adds once a model is built and run (docs/results/memory_estimate.md)
 LOSS_CHUNK = 128       # loss.CHUNK_ROWS: rows of logits the fused losses hold at a time
 
 

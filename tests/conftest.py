@@ -11,10 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # How far a resumed run may end from the uninterrupted one (max abs difference of the trained weights
-# and of each step's loss). Two uninterrupted runs of the same steps agree bit for bit on all but
-# rare process starts, where a CPU kernel rounds a sum differently and the weights then drift by a
-# few 1e-6 over 8 steps; a state that resume failed to restore (the random state, AdamW's moments,
-# the schedule's step) moves them by 1e-3. docs/pitfalls.md (10) has both measured.
+# and of each step's loss). Two uninterrupted runs agree bit for bit on all but rare process starts,
+# where a CPU kernel rounds a sum differently; a state that resume failed to restore (the random
+# state, AdamW's moments, the schedule's step) moves the weights far more. docs/pitfalls.md (10)
+# has both measured.
 RESUMED = 5e-5
 
 REAL_MODEL_DIR = os.environ.get("SFT_REAL_MODEL", os.path.join(ROOT, "models", "SmolLM2-135M-Instruct"))

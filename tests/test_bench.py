@@ -131,6 +131,6 @@ def test_bench_data_times_train_py_from_its_start_to_its_first_step(real_model_d
     first = re.search(r"first start \(builds the cache.*\): ([\d.]+) s to the first step", out)
     assert first and 0 < float(first.group(1)) < 300, out
     for packing in ("none", "packed"):
-        later = re.search(rf"later start, packing {packing}: ([\d.]+) s to the first step \(([\d.]+)-([\d.]+), 1 rounds\)",
-                          out)
+        later = re.search(rf"later start, packing {packing}: ([\d.]+) s to the first step "
+                          r"\(([\d.]+)-([\d.]+), 1 rounds\)", out)
         assert later and 0 < float(later.group(2)) == float(later.group(1)) == float(later.group(3)) < 300, out

@@ -91,13 +91,13 @@ def test_the_parts_follow_the_settings(small_model_dir):
     assert memory.estimate_memory(prepared(small_model_dir, cfg), cfg, 0, 64, 0.5, "cuda")["allocator"] == 0
 
 
-@pytest.mark.parametrize("config, model", [("configs/tiny.py", "tiny_model"), ("configs/demo.py", "real_model_dir")])
-def test_the_estimate_holds_on_the_tiny_and_the_demo_config(config, model, request, tmp_path):
+@pytest.mark.parametrize("config, model, steps", [("configs/tiny.py", "tiny_model", 3),
+                                                  ("configs/demo.py", "real_model_dir", 2)])
+def test_the_estimate_holds_on_the_tiny_and_the_demo_config(config, model, steps, request, tmp_path):
     """train.py prints the estimate before training and the peak at the end, both also above the
     process's baseline (its RSS before the model is loaded): within 25% of each other there. The
     demo config: SmolLM2-135M-Instruct, LoRA, two steps with a validation and its sample answers."""
     request.getfixturevalue(model)
-    steps = 3 if "tiny" in config else 2
     out = subprocess.run([sys.executable, "train.py", "--config", config, f"--out_dir={tmp_path / 'run'}",
                           f"--max_steps={steps}", f"--eval_every={steps}", f"--save_every={steps}"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
